@@ -1,0 +1,134 @@
+"""Command-line entry points: ``ddit-export`` and ``ddit-run``. Installed as the module ``ddit_cli``.
+
+Bad input ends in one line on stderr and exit status 2; the runtime command never imports the exporter.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from ddit_profiles import PROFILES, DDiTError
+
+
+def _one_line_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DDiTError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _parse_sizes(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise DDiTError(f"cannot parse --sizes '{text}': give comma-separated powers of two such as 1,2,4") from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("family", metavar="FAMILY")
+@click.option("--sizes", default="1,2,4", show_default=True,
+              help="Patch factors to export, comma-separated: 1 is the native patch, 2 and 4 run on 4x and 16x "
+                   "fewer image tokens.")
+@click.option("--model", default="tiny", show_default=True,
+              help="'tiny' (the embedded model), a local diffusers folder, or a hub id (read from the local cache; "
+                   "HF_HUB_OFFLINE=1 is honoured).")
+@click.option("--profile", "profile_name", default=None,
+              help=f"Profile to check the checkpoint against and size the graphs by (default: the family's, or its "
+                   f"tiny variant for --model tiny). Known: {', '.join(PROFILES)}.")
+@click.option("--adapters", default=None, metavar="FILE",
+              help="DDiT adapters (.safetensors from ddit-train). Without it the coarse engines use the untrained "
+                   "PI-resize initialisation, and the manifest says so.")
+@click.option("-o", "--output", default="engines", show_default=True, help="Engines folder to create.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists (only once the export succeeded).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_one_line_errors
+def export_main(family, sizes, model, profile_name, adapters, output, force, quiet):
+    """Export FAMILY (flux) to one ONNX graph per patch size, plus text encoders, VAE decoder and tokenizers.
+
+    Every graph is checked against torch with ONNX Runtime before the folder is renamed into place.
+
+    \b
+    Example:
+      ddit-export flux --sizes 1,2,4 --model tiny -o engines/
+    """
+    from ddit_profiles import get_profile, profile_for
+
+    spec = get_profile(profile_name) if profile_name else profile_for(family, model)
+    if spec.family != family:
+        raise DDiTError(f"profile '{spec.name}' is for family '{spec.family}', not '{family}'")
+    factors = spec.check_factors(_parse_sizes(sizes))
+    from ddit_export.flux_export import export_flux  # heavy imports only once the arguments are sound
+
+    manifest = export_flux(model, spec, factors, output, adapters_path=adapters, force=force, progress=not quiet)
+    errs = {f"k={k}": c["max_abs_error"] for k, c in manifest["components"]["transformer"].items()}
+    click.echo(f"wrote {output}: sizes {manifest['sizes']}, {manifest['source']['initialisation']}; "
+               f"max |onnx - torch| {', '.join(f'{k} {v:.2g}' for k, v in errs.items())}", err=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("engines", metavar="ENGINES_DIR")
+@click.option("--prompt", required=True, help="Text prompt.")
+@click.option("-o", "--output", default="ddit.png", show_default=True, help="PNG to write.")
+@click.option("--steps", type=int, default=None, help="Denoising steps (default: the manifest's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
+@click.option("--height", type=int, default=None, help="Image height in pixels (default: the profile's opt size).")
+@click.option("--width", type=int, default=None, help="Image width in pixels (default: the profile's opt size).")
+@click.option("--guidance", type=float, default=None, help="Embedded guidance scale (default: the manifest's).")
+@click.option("--tau", type=float, default=None,
+              help="Scheduler threshold: the largest patch whose rho-quantile of per-patch std of the third "
+                   "difference is below tau is chosen. Larger is faster, smaller is finer (default: manifest's).")
+@click.option("--rho", type=float, default=None, help="Quantile in [0, 1] of the per-patch stds (default 0.4).")
+@click.option("--schedule", default="auto", show_default=True,
+              help="'auto' (DDiT decides per step), a fixed factor such as 1 (the native baseline), or one factor "
+                   "per step such as 1,1,1,4,4,2,...")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="ONNX Runtime execution provider.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine files (sizes are still checked).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the schedule and timings on stdout.")
+@_one_line_errors
+def run_main(engines, prompt, output, steps, seed, height, width, guidance, tau, rho, schedule, provider, no_verify,
+             as_json):
+    """Generate an image from ENGINES_DIR (made by ddit-export), switching patch-size engines per step.
+
+    \b
+    Example:
+      ddit-run engines/ --prompt "a red circle on a black background" -o out.png
+    """
+    from ddit_runtime.image import check_png_path, save_png
+    from ddit_runtime.pipeline import FluxRuntime
+    from ddit_runtime.scheduler import parse_schedule
+    from ddit_runtime.text import check_prompt
+
+    check_prompt(prompt)
+    check_png_path(output)
+    runtime = FluxRuntime(engines, provider=provider, verify=not no_verify)
+    steps = steps or runtime.spec.scheduler.steps
+    fixed = parse_schedule(schedule, steps, runtime.sizes)
+    result = runtime.generate(prompt, height=height, width=width, steps=steps, seed=seed, guidance=guidance,
+                              tau=tau, rho=rho, schedule=fixed, progress=not as_json)
+    path = save_png(result.image, output, result.settings, result.schedule)
+    coarse = sum(k > 1 for k in result.schedule) / len(result.schedule)
+    if as_json:
+        click.echo(json.dumps(dict(schedule=result.schedule, step_ms=[round(t, 3) for t in result.step_ms],
+                                   total_s=round(result.total_s, 4), output=str(path), engines=list(runtime.sizes),
+                                   coarse_fraction=round(coarse, 4), device=str(runtime.device), **result.settings)))
+    else:
+        click.echo(f"wrote {path} ({result.settings['height']}x{result.settings['width']}, {steps} steps, "
+                   f"{result.total_s:.2f} s); schedule {''.join(map(str, result.schedule))}, "
+                   f"{coarse:.0%} of steps coarse", err=True)
+
+
+if __name__ == "__main__":
+    export_main()

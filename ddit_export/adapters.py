@@ -1,0 +1,179 @@
+"""DDiT per-patch-size adapters: PI-resized patch embedding, bilinear de-embedding, patch-size embedding,
+residual path, and LoRA (peft) on every block's feed-forward layers. Also the adapters file (safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ddit_profiles import DDiTError, FluxSpec
+
+ADAPTERS_FORMAT = "ddit-adapters/1"
+
+
+def bilinear_matrix(patch: int, new_patch: int) -> torch.Tensor:
+    """[new_patch^2, patch^2] float64: column j is the bilinear upsample (half-pixel centres) of unit pixel j."""
+    eye = torch.eye(patch * patch, dtype=torch.float64).reshape(patch * patch, 1, patch, patch)
+    up = F.interpolate(eye, size=(new_patch, new_patch), mode="bilinear", align_corners=False)
+    return up.reshape(patch * patch, new_patch * new_patch).T
+
+
+def pi_resize_embedding(weight: torch.Tensor, channels: int, patch: int, new_patch: int) -> torch.Tensor:
+    """FlexiViT PI-resize of a patch embedding: [D, C*p*p] -> [D, C*q*q] with w_new = pinv(B^T) w per (d, c).
+
+    Gives <x, w> == <B x, w_new> for every patch x, where B = ``bilinear_matrix(p, q)``.
+    """
+    b = bilinear_matrix(patch, new_patch)  # [q^2, p^2]
+    p_inv = torch.linalg.pinv(b.T)  # [q^2, p^2]
+    w = weight.double().reshape(weight.shape[0], channels, patch * patch)  # [D, C, p^2]
+    return (w @ p_inv.T).reshape(weight.shape[0], -1).to(weight.dtype)  # [D, C*q^2]
+
+
+def upsample_deembedding(weight: torch.Tensor, bias: torch.Tensor, channels: int, patch: int, new_patch: int):
+    """Bilinear de-embedding init: [C*p*p, D], [C*p*p] -> [C*q*q, D], [C*q*q] so output = B (native output)."""
+    b = bilinear_matrix(patch, new_patch).to(torch.float64)  # [q^2, p^2]
+    w = weight.double().reshape(channels, patch * patch, -1)  # [C, p^2, D]
+    new_w = torch.einsum("qp,cpd->cqd", b, w).reshape(channels * new_patch * new_patch, -1)
+    new_b = (bias.double().reshape(channels, patch * patch) @ b.T).reshape(-1)
+    return new_w.to(weight.dtype), new_b.to(bias.dtype)
+
+
+class SizeEmbedding(nn.Module):
+    """Patch embedding for one coarse size plus its learnable patch-size embedding: tokens -> [B, N, D]."""
+
+    def __init__(self, in_features: int, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(in_features, dim)
+        self.size_embedding = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(tokens) + self.size_embedding
+
+
+class SizeAdapter(nn.Module):
+    """Everything size k adds to the frozen base except LoRA: embed, de-embed and the latent residual path."""
+
+    def __init__(self, spec: FluxSpec, factor: int, dim: int):
+        super().__init__()
+        self.factor = factor
+        channels = spec.token_channels(factor)
+        self.embed = SizeEmbedding(channels, dim)
+        self.unembed = nn.Linear(dim, channels)
+        # Residual from the input latent to the velocity: a per-pixel channel mix, zero at init.
+        self.residual = nn.Linear(spec.latent_channels, spec.latent_channels)
+        nn.init.zeros_(self.residual.weight)
+        nn.init.zeros_(self.residual.bias)
+
+    @classmethod
+    def from_base(cls, transformer, spec: FluxSpec, factor: int) -> SizeAdapter:
+        """The untrained initialisation: PI-resized embedding and bilinear-upsampled de-embedding of the base."""
+        adapter = cls(spec, factor, transformer.inner_dim)
+        p, q, c = spec.native_patch, spec.patch_pixels(factor), spec.latent_channels
+        with torch.no_grad():
+            adapter.embed.proj.weight.copy_(pi_resize_embedding(transformer.x_embedder.weight, c, p, q))
+            adapter.embed.proj.bias.copy_(transformer.x_embedder.bias)
+            w, b = upsample_deembedding(transformer.proj_out.weight, transformer.proj_out.bias, c, p, q)
+            adapter.unembed.weight.copy_(w)
+            adapter.unembed.bias.copy_(b)
+        return adapter
+
+    def residual_velocity(self, latent: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, C, H, W]: the residual path's contribution to the velocity."""
+        return self.residual(latent.movedim(1, -1)).movedim(-1, 1)
+
+
+def lora_targets(transformer) -> list[str]:
+    """Full names of every block's feed-forward linears (a bare 'proj_out' would also hit the final layer)."""
+    names = []
+    for i in range(len(transformer.transformer_blocks)):
+        for ff in ("ff", "ff_context"):
+            names += [f"transformer_blocks.{i}.{ff}.net.0.proj", f"transformer_blocks.{i}.{ff}.net.2"]
+    for i in range(len(transformer.single_transformer_blocks)):
+        names += [f"single_transformer_blocks.{i}.proj_mlp", f"single_transformer_blocks.{i}.proj_out"]
+    return names
+
+
+def lora_config(transformer, rank: int, alpha: float):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora_targets(transformer), init_lora_weights=True)
+
+
+class DDiTAdapters:
+    """The adapters of every coarse size: ``SizeAdapter`` modules plus peft LoRA state dicts, keyed by factor."""
+
+    def __init__(self, sizes: dict[int, SizeAdapter], lora: dict[int, dict[str, torch.Tensor]], rank: int,
+                 alpha: float, meta: dict):
+        self.sizes, self.lora, self.rank, self.alpha, self.meta = sizes, lora, rank, alpha, meta
+
+    @property
+    def factors(self) -> list[int]:
+        return sorted(self.sizes)
+
+    def save(self, path: str | Path) -> None:
+        tensors = {}
+        for k, adapter in self.sizes.items():
+            tensors |= {f"size{k}.{n}": t.detach().contiguous() for n, t in adapter.state_dict().items()}
+            tensors |= {f"size{k}.lora.{n}": t.detach().contiguous() for n, t in self.lora[k].items()}
+        meta = dict(self.meta, format=ADAPTERS_FORMAT, sizes=",".join(map(str, self.factors)),
+                    rank=str(self.rank), alpha=str(self.alpha))
+        save_file(tensors, str(path), metadata={k: str(v) for k, v in meta.items()})
+
+
+def model_signature(transformer, spec: FluxSpec) -> dict:
+    """What an adapters file must agree with: family and the transformer's shape-defining config."""
+    c = transformer.config
+    return dict(family=spec.family, inner_dim=transformer.inner_dim, num_layers=c.num_layers,
+                num_single_layers=c.num_single_layers, in_channels=c.in_channels)
+
+
+def load_adapters(path: str | Path, transformer, spec: FluxSpec, factors: list[int]) -> DDiTAdapters:
+    """Read an adapters file and check it fits ``transformer`` and covers every coarse size in ``factors``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DDiTError(f"adapters file '{path}' does not exist: pass the .safetensors file ddit-train wrote")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DDiTError(f"adapters file '{path}' is not a readable safetensors file ({e})") from None
+    if meta.get("format") != ADAPTERS_FORMAT:
+        raise DDiTError(f"'{path}' is not a DDiT adapters file (format {meta.get('format')!r}, "
+                        f"expected {ADAPTERS_FORMAT!r})")
+    want = model_signature(transformer, spec)
+    bad = [f"{k} {meta.get(k)} != {v}" for k, v in want.items() if meta.get(k) != str(v)]
+    if bad:
+        raise DDiTError(f"adapters file '{path}' was trained for another model ({'; '.join(bad)})")
+    have = [int(s) for s in meta.get("sizes", "").split(",") if s]
+    missing = [k for k in factors if k > 1 and k not in have]
+    if missing:
+        raise DDiTError(f"adapters file '{path}' has sizes {have} but not {missing}: train those or drop them "
+                        f"from --sizes")
+    rank, alpha = int(meta["rank"]), float(meta["alpha"])
+    sizes, lora = {}, {}
+    for k in [k for k in factors if k > 1]:
+        adapter = SizeAdapter(spec, k, transformer.inner_dim)
+        prefix, lora_prefix = f"size{k}.", f"size{k}.lora."
+        own = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix) and not n.startswith(lora_prefix)}
+        try:
+            adapter.load_state_dict(own, strict=True)
+        except RuntimeError as e:
+            raise DDiTError(f"adapters file '{path}' size {k} does not fit the model: {str(e).splitlines()[0]}") from None
+        sizes[k] = adapter.eval().requires_grad_(False)
+        lora[k] = {n[len(lora_prefix):]: t for n, t in tensors.items() if n.startswith(lora_prefix)}
+    return DDiTAdapters(sizes, lora, rank, alpha, meta)
+
+
+def untrained_adapters(transformer, spec: FluxSpec, factors: list[int], rank: int = 32) -> DDiTAdapters:
+    """PI-resize/bilinear initialisation with no LoRA (B = 0 in peft's init, so it would be a no-op)."""
+    sizes = {k: SizeAdapter.from_base(transformer, spec, k).eval().requires_grad_(False) for k in factors if k > 1}
+    return DDiTAdapters(sizes, {k: {} for k in sizes}, rank, float(rank),
+                        dict(model_signature(transformer, spec), trained="false"))

@@ -1,0 +1,175 @@
+"""``ddit-export flux``: one transformer graph per patch factor, the text encoders, the VAE decoder, the tokenizers,
+and a manifest, written into a staging folder that is renamed into place only when everything checked out.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.export import Dim
+from tqdm.auto import tqdm
+
+from ddit_profiles import DDiTError, FluxSpec
+
+from .adapters import load_adapters, untrained_adapters
+from .flux_model import FluxEngine, size_variant
+from .loading import load_flux
+from .manifest import staging_folder, write_manifest
+from .onnx_io import check_parity, double_tensors, export_onnx
+
+
+class ClipPooled(nn.Module):
+    """input_ids [B, 77] int64 -> pooled_projections [B, P]: CLIP's pooled output, as FLUX consumes it."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, input_ids):
+        return self.clip(input_ids=input_ids).pooler_output
+
+
+class T5Hidden(nn.Module):
+    """input_ids [B, T] int64 -> encoder_hidden_states [B, T, D]."""
+
+    def __init__(self, t5):
+        super().__init__()
+        self.t5 = t5
+
+    def forward(self, input_ids):
+        return self.t5(input_ids=input_ids).last_hidden_state
+
+
+class VaeDecode(nn.Module):
+    """Unscaled latent [B, 16, h, w] -> image [B, 3, 8h, 8w] in about [-1, 1]. The runtime applies scale/shift."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+def _transformer_inputs(spec: FluxSpec, batch: int, height: int, width: int, gen: torch.Generator) -> tuple:
+    lh, lw = spec.latent_hw(height, width)
+    return (
+        torch.randn(batch, spec.latent_channels, lh, lw, generator=gen),
+        torch.rand(batch, generator=gen),
+        torch.full((batch,), spec.scheduler.guidance),
+        torch.randn(batch, spec.t5_max_length, spec.joint_attention_dim, generator=gen),
+        torch.randn(batch, spec.pooled_dim, generator=gen),
+    )
+
+
+def _parity_sizes(spec: FluxSpec) -> list[tuple[int, int, int]]:
+    """(batch, height, width) the parity check runs at: the smallest size, and a non-square one at batch 2."""
+    (h0, w0), (_, w1) = spec.min_size, spec.max_size
+    return [(1, h0, w0), (2, h0, min(2 * w0, w1))]
+
+
+def _export_transformer(parts, spec, adapters, factor, folder: Path) -> dict:
+    transformer = parts["transformer"]
+    gen = torch.Generator().manual_seed(factor)
+    patch = spec.patch_pixels(factor)
+    (r0, c0), _, (r1, c1) = spec.token_range(factor)
+    batch = Dim("batch", min=1, max=spec.max_batch)
+    rows, cols = Dim(f"rows_k{factor}", min=r0, max=r1), Dim(f"cols_k{factor}", min=c0, max=c1)
+    dynamic = {"latent": {0: batch, 2: patch * rows, 3: patch * cols}, "timestep": {0: batch},
+               "guidance": {0: batch}, "encoder_hidden_states": {0: batch}, "pooled_projections": {0: batch}}
+    path = folder / f"transformer_k{factor}.onnx"
+    with size_variant(transformer, adapters, factor) as adapter:
+        engine = FluxEngine(transformer, spec, factor, adapter).eval()
+        example = _transformer_inputs(spec, 2, *spec.opt_size, gen)
+        files = export_onnx(engine, example, spec.transformer_inputs, spec.transformer_outputs, dynamic, path,
+                            spec.opset)
+        feeds = [_transformer_inputs(spec, b, h, w, gen) for b, h, w in _parity_sizes(spec)]
+        err = check_parity(path, engine, feeds, spec.transformer_inputs, spec.transformer_tolerance,
+                           f"transformer k={factor}")
+    return dict(onnx=path.name, files=[f.name for f in files], max_abs_error=err)
+
+
+def _token_feeds(tokenizer, max_length: int, vocab: int, gen) -> list[tuple]:
+    prompts = ["a red circle on a black background", "many small striped blue squares"]
+    real = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    rand = torch.randint(0, vocab, (3, max_length), generator=gen)
+    rand[:, -1] = tokenizer.eos_token_id
+    return [(real.input_ids[:1],), (real.input_ids,), (rand,)]
+
+
+def _export_text(parts, spec, folder: Path) -> dict:
+    out = {}
+    gen = torch.Generator().manual_seed(7)
+    batch = Dim("batch", min=1, max=spec.max_batch)
+    jobs = (("text_encoder", ClipPooled, "tokenizer", spec.clip_max_length, "pooled_projections"),
+            ("text_encoder_2", T5Hidden, "tokenizer_2", spec.t5_max_length, "encoder_hidden_states"))
+    for name, wrapper, tok_name, length, output in jobs:
+        module, tokenizer = wrapper(parts[name]).eval(), parts[tok_name]
+        feeds = _token_feeds(tokenizer, length, parts[name].config.vocab_size, gen)
+        path = folder / f"{name}.onnx"
+        files = export_onnx(module, feeds[1], ("input_ids",), (output,), {"input_ids": {0: batch}}, path, spec.opset)
+        err = check_parity(path, module, feeds, ("input_ids",), spec.text_tolerance, name)
+        (folder / tok_name).mkdir()
+        tokenizer.backend_tokenizer.save(str(folder / tok_name / "tokenizer.json"))
+        out[name] = dict(onnx=path.name, files=[f.name for f in files], max_abs_error=err, output=output,
+                         tokenizer=f"{tok_name}/tokenizer.json", max_length=length,
+                         pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+    return out
+
+
+def _export_vae(parts, spec, folder: Path) -> dict:
+    module = VaeDecode(parts["vae"]).eval()
+    gen = torch.Generator().manual_seed(11)
+    (h0, w0), (h1, w1) = (spec.latent_hw(*spec.min_size), spec.latent_hw(*spec.max_size))
+    dynamic = {"latent": {0: Dim("batch", min=1, max=spec.max_batch), 2: Dim("latent_h", min=h0, max=h1),
+                          3: Dim("latent_w", min=w0, max=w1)}}
+    example = (torch.randn(2, spec.latent_channels, *spec.latent_hw(*spec.opt_size), generator=gen),)
+    path = folder / "vae_decoder.onnx"
+    files = export_onnx(module, example, ("latent",), ("image",), dynamic, path, spec.opset)
+    feeds = [(torch.randn(b, spec.latent_channels, *spec.latent_hw(h, w), generator=gen),)
+             for b, h, w in _parity_sizes(spec)]
+    err = check_parity(path, module, feeds, ("latent",), spec.vae_tolerance, "vae_decoder")
+    return dict(onnx=path.name, files=[f.name for f in files], max_abs_error=err)
+
+
+def export_flux(model: str, spec: FluxSpec, factors, out_dir: str | Path, adapters_path: str | None = None,
+                force: bool = False, progress: bool = True) -> dict:
+    """Export everything ``ddit-run`` needs into ``out_dir``; return the manifest."""
+    factors = spec.check_factors(factors)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise DDiTError(f"output folder '{out_dir}' already exists: pass --force to replace it, or pick another -o")
+    started = time.time()
+    parts = load_flux(model, spec)
+    transformer = parts["transformer"]
+    if adapters_path:
+        adapters = load_adapters(adapters_path, transformer, spec, list(factors))
+        trained = adapters.meta.get("trained", "true") == "true"
+    else:
+        adapters, trained = untrained_adapters(transformer, spec, list(factors)), False
+    components: dict = {"transformer": {}}
+    with staging_folder(out_dir, force) as folder:
+        tasks = [f"transformer k={k}" for k in factors] + ["text encoders", "vae decoder"]
+        bar = tqdm(tasks, desc="export", unit="graph", disable=not progress)
+        for task in bar:
+            bar.set_postfix_str(task)
+            if task.startswith("transformer"):
+                k = int(task.split("=")[1])
+                components["transformer"][str(k)] = _export_transformer(parts, spec, adapters, k, folder)
+            elif task == "text encoders":
+                components |= _export_text(parts, spec, folder)
+            else:
+                components["vae_decoder"] = _export_vae(parts, spec, folder)
+        doubles = {p.name: d for p in folder.glob("*.onnx") if (d := double_tensors(p))}
+        if doubles:
+            name, found = next(iter(doubles.items()))
+            raise DDiTError(f"{name} contains float64 tensors ({', '.join(found[:3])}); TensorRT cannot run it")
+        source = dict(model=model, adapters=str(adapters_path) if adapters_path else None,
+                      adapters_trained=trained,
+                      initialisation="trained adapters" if trained else
+                      "untrained: PI-resize embedding, bilinear de-embedding, no LoRA")
+        manifest = write_manifest(folder, spec, factors, components, source, time.time() - started)
+    return manifest

@@ -1,0 +1,140 @@
+"""The exported FLUX engine: one patch factor behind the shared I/O contract, built on the untouched diffusers model.
+
+``FluxEngine`` takes the full-resolution latent and returns the full-resolution velocity; packing, RoPE ids at
+coarse-token centres, and the residual path are inside the graph. ``size_variant`` swaps a size's adapters into
+the diffusers model (and merges its LoRA) for the duration of an export or a reference run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ddit_profiles import FluxSpec
+from ddit_runtime.patchify import pack, unpack
+
+from .adapters import DDiTAdapters, SizeAdapter, lora_config
+
+
+class Float32FluxPosEmbed(nn.Module):
+    """diffusers' FluxPosEmbed in float32: TensorRT has no float64. ids [N, 3] -> (cos, sin), each [N, sum(axes)]."""
+
+    def __init__(self, theta: int, axes_dim):
+        super().__init__()
+        self.axes_dim = list(axes_dim)
+        freqs = [1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in self.axes_dim]
+        self.register_buffer("freqs", torch.cat(freqs).float(), persistent=False)
+
+    def forward(self, ids: torch.Tensor):
+        cos, sin, start = [], [], 0
+        for axis, dim in enumerate(self.axes_dim):
+            angles = torch.outer(ids[:, axis].float(), self.freqs[start : start + dim // 2])  # [N, dim/2]
+            start += dim // 2
+            cos.append(angles.cos().repeat_interleave(2, dim=1))
+            sin.append(angles.sin().repeat_interleave(2, dim=1))
+        return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)
+
+
+def image_ids(rows: int, cols: int, factor: int, device=None) -> torch.Tensor:
+    """[rows*cols, 3] RoPE ids (0, row, col) of coarse tokens at their fine-grid centres: k*i + (k-1)/2."""
+    offset = (factor - 1) / 2
+    r = torch.arange(rows, device=device, dtype=torch.float32) * factor + offset
+    c = torch.arange(cols, device=device, dtype=torch.float32) * factor + offset
+    grid = torch.stack([torch.zeros(rows, cols, device=device), r[:, None].expand(rows, cols),
+                        c[None, :].expand(rows, cols)], dim=-1)
+    return grid.reshape(rows * cols, 3)
+
+
+class FluxEngine(nn.Module):
+    """latent [B,16,H,W], timestep [B] (sigma in [0,1]), guidance [B], T5 [B,T,D], pooled [B,P] -> velocity [B,16,H,W].
+
+    Use inside ``size_variant(transformer, adapter)`` so the transformer carries size ``factor``'s adapters.
+    """
+
+    def __init__(self, transformer, spec: FluxSpec, factor: int, adapter: SizeAdapter | None = None):
+        super().__init__()
+        self.transformer, self.spec, self.factor, self.adapter = transformer, spec, factor, adapter
+
+    def forward(self, latent, timestep, guidance, encoder_hidden_states, pooled_projections):
+        _, _, height, width = latent.shape
+        patch = self.spec.patch_pixels(self.factor)
+        tokens = pack(latent, patch)  # [B, N, C*patch^2]
+        img_ids = image_ids(height // patch, width // patch, self.factor, latent.device)
+        txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=latent.device)
+        out = self.transformer(
+            hidden_states=tokens, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+            timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False,
+        )[0]
+        velocity = unpack(out, patch, height, width)
+        if self.adapter is not None:
+            velocity = velocity + self.adapter.residual_velocity(latent)
+        return velocity
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def _replace(model, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@contextlib.contextmanager
+def merged_lora(transformer, adapters: DDiTAdapters, factor: int):
+    """Inject size ``factor``'s LoRA with peft, merge it (W += scale * B @ A), and leave plain Linears behind.
+
+    On exit the merge is undone and the peft wrappers are removed, so the base serves the next size.
+    """
+    state = adapters.lora.get(factor) or {}
+    if not state:
+        yield
+        return
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    name = f"ddit_size{factor}"
+    inject_adapter_in_model(lora_config(transformer, adapters.rank, adapters.alpha), transformer, adapter_name=name)
+    result = set_peft_model_state_dict(transformer, state, adapter_name=name)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    layers = _lora_layers(transformer)
+    try:
+        if unexpected:
+            from ddit_profiles import DDiTError
+
+            raise DDiTError(f"adapters LoRA for size {factor} has keys the model lacks, e.g. {unexpected[0]}")
+        for lname, layer in layers:
+            layer.merge(adapter_names=[name])
+            _replace(transformer, lname, layer.get_base_layer())
+        yield
+    finally:
+        for lname, layer in layers:
+            _replace(transformer, lname, layer)
+            if layer.merged:
+                layer.unmerge()
+            _replace(transformer, lname, layer.get_base_layer())
+
+
+@contextlib.contextmanager
+def size_variant(transformer, adapters: DDiTAdapters | None, factor: int, merge_lora: bool = True):
+    """Swap size ``factor``'s embedding/de-embedding and a float32 RoPE into ``transformer``; restore on exit.
+
+    Factor 1 only swaps the RoPE (numerically the base's, without float64). Yields the ``SizeAdapter`` or None.
+    """
+    saved = dict(x_embedder=transformer.x_embedder, proj_out=transformer.proj_out, pos_embed=transformer.pos_embed)
+    transformer.pos_embed = Float32FluxPosEmbed(saved["pos_embed"].theta, saved["pos_embed"].axes_dim)
+    adapter = adapters.sizes[factor] if (adapters is not None and factor > 1) else None
+    try:
+        if adapter is None:
+            yield None
+            return
+        transformer.x_embedder, transformer.proj_out = adapter.embed, adapter.unembed
+        lora = merged_lora(transformer, adapters, factor) if merge_lora else contextlib.nullcontext()
+        with lora:
+            yield adapter
+    finally:
+        for key, module in saved.items():
+            setattr(transformer, key, module)

@@ -1,0 +1,78 @@
+"""Load a FLUX checkpoint's components: ``tiny``, a local diffusers folder, or a hub id (offline cache honoured)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ddit_profiles import DDiTError, FluxSpec
+
+from .tiny import build_tiny_flux
+
+COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae", "tokenizer", "tokenizer_2")
+
+
+def load_flux(model: str, spec: FluxSpec) -> dict:
+    """Components keyed as in a FluxPipeline folder, fp32, eval mode, checked against ``spec``."""
+    if model == "tiny":
+        parts = build_tiny_flux(spec)
+    else:
+        parts = _from_pretrained(model)
+    for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        parts[name] = parts[name].eval().requires_grad_(False)
+    parts["text_encoder_2"].set_attn_implementation("eager")  # sdpa's T5 path does not export with dynamo
+    check_against_profile(parts, spec)
+    return parts
+
+
+def _from_pretrained(model: str) -> dict:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    local = Path(model).expanduser()
+    if local.exists():
+        missing = [c for c in COMPONENTS if not (local / c).is_dir()]
+        if missing:
+            raise DDiTError(f"'{model}' is not a diffusers FLUX folder: it lacks {', '.join(missing)}")
+        source = str(local)
+    elif model.count("/") == 1 and not model.startswith((".", "/")):
+        source = model  # a hub id: huggingface_hub reads the cache and honours HF_HUB_OFFLINE
+    else:
+        raise DDiTError(f"model '{model}' is neither a local diffusers folder nor a hub id (org/name), nor 'tiny'")
+    kw = dict(use_safetensors=True, torch_dtype=torch.float32)  # never unpickle weights; export in fp32
+    try:
+        return dict(
+            transformer=FluxTransformer2DModel.from_pretrained(source, subfolder="transformer", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw),
+            text_encoder_2=T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", **kw),
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kw),
+            tokenizer=AutoTokenizer.from_pretrained(source, subfolder="tokenizer"),
+            tokenizer_2=AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2"),
+        )
+    except OSError as e:
+        offline = " (HF_HUB_OFFLINE is set, so only the local cache was searched)" if os.environ.get(
+            "HF_HUB_OFFLINE") else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DDiTError(f"could not load '{model}'{offline}: {first}") from None
+
+
+def check_against_profile(parts: dict, spec: FluxSpec) -> None:
+    """Refuse a checkpoint whose architecture facts differ from the profile's, naming the mismatch."""
+    cfg = parts["transformer"].config
+    facts = {
+        "transformer in_channels": (cfg.in_channels, spec.token_channels(1)),
+        "transformer patch_size": (cfg.patch_size, 1),
+        "transformer joint_attention_dim": (cfg.joint_attention_dim, spec.joint_attention_dim),
+        "transformer pooled_projection_dim": (cfg.pooled_projection_dim, spec.pooled_dim),
+        "transformer guidance_embeds": (bool(cfg.guidance_embeds), spec.guidance_embedded),
+        "CLIP hidden size": (parts["text_encoder"].config.hidden_size, spec.pooled_dim),
+        "T5 d_model": (parts["text_encoder_2"].config.d_model, spec.joint_attention_dim),
+        "VAE latent_channels": (parts["vae"].config.latent_channels, spec.latent_channels),
+    }
+    bad = [f"{k} is {got}, expected {want}" for k, (got, want) in facts.items() if got != want]
+    if bad:
+        raise DDiTError(
+            f"checkpoint does not match profile '{spec.name}': {'; '.join(bad)} (pass --profile with a matching one)"
+        )

@@ -1,0 +1,102 @@
+"""Writing an engines folder: the staging folder renamed into place at the end, and ``manifest.json``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from ddit_profiles import DDiTError, FluxSpec
+from ddit_runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+
+from . import __version__
+
+
+@contextlib.contextmanager
+def staging_folder(out_dir: Path, force: bool):
+    """Yield a fresh sibling folder; on success rename it to ``out_dir`` (replacing it if ``force``), else delete it.
+
+    A failed or interrupted export leaves ``out_dir`` exactly as it was.
+    """
+    parent = out_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        stage = parent / f".{out_dir.name}.partial-{os.getpid()}"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+    except OSError as e:
+        raise DDiTError(f"cannot write into '{parent}' ({e.strerror}): pick a writable -o") from None
+    try:
+        yield stage
+        if out_dir.exists():
+            if not force:
+                raise DDiTError(f"output folder '{out_dir}' appeared during the export: pass --force or pick another -o")
+            old = parent / f".{out_dir.name}.old-{os.getpid()}"
+            out_dir.rename(old)
+            stage.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            stage.rename(out_dir)
+    finally:  # also on KeyboardInterrupt
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def io_contract(spec: FluxSpec, text: dict) -> dict:
+    """Names, dtypes and symbolic shapes of every graph's inputs and outputs."""
+    f32, i64 = "float32", "int64"
+    latent = ["batch", spec.latent_channels, "latent_height", "latent_width"]
+    return {
+        "transformer": {
+            "inputs": {"latent": [f32, latent], "timestep": [f32, ["batch"]], "guidance": [f32, ["batch"]],
+                       "encoder_hidden_states": [f32, ["batch", spec.t5_max_length, spec.joint_attention_dim]],
+                       "pooled_projections": [f32, ["batch", spec.pooled_dim]]},
+            "outputs": {"velocity": [f32, latent]},
+            "timestep_meaning": "flow-matching sigma in [0, 1] (the graph multiplies by 1000 as diffusers does)",
+        },
+        "text_encoder": {"inputs": {"input_ids": [i64, ["batch", text["text_encoder"]["max_length"]]]},
+                         "outputs": {"pooled_projections": [f32, ["batch", spec.pooled_dim]]}},
+        "text_encoder_2": {"inputs": {"input_ids": [i64, ["batch", text["text_encoder_2"]["max_length"]]]},
+                           "outputs": {"encoder_hidden_states": [f32, ["batch", spec.t5_max_length,
+                                                                         spec.joint_attention_dim]]}},
+        "vae_decoder": {"inputs": {"latent": [f32, latent]},
+                        "outputs": {"image": [f32, ["batch", 3, "height", "width"]]},
+                        "input_meaning": "latent / scaling_factor + shift_factor (the runtime applies it)"},
+    }
+
+
+def write_manifest(folder: Path, spec: FluxSpec, factors, components: dict, source: dict, seconds: float) -> dict:
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        files[str(path.relative_to(folder))] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "family": spec.family,
+        "profile": spec.to_dict(),
+        "sizes": list(factors),
+        "precision": "fp32",
+        "source": source,
+        "files": files,
+        "components": components,
+        "io": io_contract(spec, components),
+        "shapes": {
+            "batch": [1, 1, spec.max_batch],
+            "height": [spec.min_size[0], spec.opt_size[0], spec.max_size[0]],
+            "width": [spec.min_size[1], spec.opt_size[1], spec.max_size[1]],
+            "multiple": spec.resolution_multiple(factors),
+        },
+        "scheduler": {"tau": spec.scheduler.tau, "rho": spec.scheduler.rho, "warmup": spec.scheduler.warmup,
+                      "steps": spec.scheduler.steps, "guidance": spec.scheduler.guidance},
+        "latent": {"channels": spec.latent_channels, "vae_scale_factor": spec.vae_scale_factor,
+                   "scaling_factor": spec.vae_scaling_factor, "shift_factor": spec.vae_shift_factor},
+        "sigmas": {"type": "flow_match_euler", "shift": "exponential, mu from the native token count",
+                   "base_seq_len": spec.shift.base_seq_len, "max_seq_len": spec.shift.max_seq_len,
+                   "base_shift": spec.shift.base_shift, "max_shift": spec.shift.max_shift},
+        "exporter": {"ddit_version": __version__, "seconds": round(seconds, 1),
+                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,0 +1,95 @@
+"""torch.onnx (dynamo) export of one module, the float64 check, and the ONNX Runtime-versus-torch parity check."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from ddit_profiles import DDiTError, Tolerance
+
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; stay clear of it
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    seen = {id(p): p for p in list(module.parameters()) + list(module.buffers())}
+    return sum(p.numel() * p.element_size() for p in seen.values())
+
+
+def export_onnx(module, args: tuple, names: tuple[str, ...], outputs: tuple[str, ...], dynamic_shapes: dict,
+                path: Path, opset: int) -> list[Path]:
+    """Export ``module(*args)`` to ``path`` with dynamo at ``opset``; return the files written (graph + data)."""
+    external = param_bytes(module) > EXTERNAL_DATA_BYTES
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                module, args, dynamo=True, opset_version=opset, input_names=list(names), output_names=list(outputs),
+                dynamic_shapes=dynamic_shapes, verbose=False,
+            )
+        except Exception as e:  # the exporter raises many types; name the component and keep the cause
+            raise DDiTError(f"torch.onnx export of {path.name} failed: {type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+        program.save(str(path), external_data=external)
+    return sorted(p for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + "."))
+
+
+def double_tensors(path: Path) -> list[str]:
+    """Names of every float64 value in the graph: inputs, outputs, initializers, value_info, Casts, Constants."""
+    model = onnx.load(str(path), load_external_data=False)
+    dbl = onnx.TensorProto.DOUBLE
+    found: list[str] = []
+
+    def walk(graph):
+        for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+            if v.type.tensor_type.elem_type == dbl:
+                found.append(v.name)
+        found.extend(t.name for t in graph.initializer if t.data_type == dbl)
+        for node in graph.node:
+            for attr in node.attribute:
+                if node.op_type == "Cast" and attr.name == "to" and attr.i == dbl:
+                    found.append(f"{node.op_type}:{node.name}")
+                if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == dbl:
+                    found.append(f"{node.op_type}:{node.name}")
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            if node.op_type == "Cast" and any(a.name == "to" and a.i == dbl for a in node.attribute):
+                found.append(f"{fn.name}/Cast:{node.name}")
+    return found
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def check_parity(path: Path, module, feeds: list[tuple], names: tuple[str, ...], tol: Tolerance, label: str) -> float:
+    """Run the graph and ``module`` on each input tuple; return the worst error, raise above the tolerance."""
+    session = ort_session(path)
+    worst = 0.0
+    for args in feeds:
+        with torch.no_grad():
+            ref = module(*args)
+        got = session.run(None, {n: a.numpy() for n, a in zip(names, args, strict=True)})[0]
+        got = torch.from_numpy(got)
+        if got.shape != ref.shape:
+            raise DDiTError(f"{label}: ONNX output shape {tuple(got.shape)} != torch {tuple(ref.shape)}")
+        err = (got - ref).abs().max().item()
+        bound = tol.bound(ref.abs().max().item())
+        worst = max(worst, err)
+        if not err <= bound:  # also catches NaN
+            raise DDiTError(f"{label}: ONNX Runtime differs from torch by {err:.3g} at input shape "
+                            f"{tuple(args[0].shape)} (tolerance {bound:.3g}); the export is not trustworthy")
+    del session
+    return worst

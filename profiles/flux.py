@@ -1,0 +1,49 @@
+"""FLUX.1-dev and its embedded tiny variant."""
+
+from .spec import FluxSpec, SchedulerDefaults, Tolerance
+
+FLUX = FluxSpec(
+    name="flux",
+    hub_id="black-forest-labs/FLUX.1-dev",
+    description="FLUX.1-dev: 19 double + 38 single blocks, 24 heads x 128, CLIP-L (pooled 768) + T5-XXL (4096, 512)",
+    # Real-checkpoint parity over 57 fp32 blocks drifts more than the toy model's; the bound is relative.
+    transformer_tolerance=Tolerance(atol=1e-3, rtol=5e-3),
+    text_tolerance=Tolerance(atol=1e-3, rtol=5e-3),
+    vae_tolerance=Tolerance(atol=1e-3, rtol=5e-3),
+)
+
+#: The tiny variant: the same diffusers classes at toy width and depth. Random weights until the
+#: embedded-model recipe ships trained ones; shapes are chosen so 256x256 gives 256 native image tokens.
+FLUX_TINY = FluxSpec(
+    name="flux-tiny",
+    hub_id=None,
+    description="tiny FLUX (2 double + 2 single blocks, width 64) of the real diffusers classes, random weights",
+    joint_attention_dim=64,
+    pooled_dim=32,
+    t5_max_length=32,
+    min_size=(128, 128),
+    opt_size=(256, 256),
+    max_size=(512, 512),
+    scheduler=SchedulerDefaults(tau=0.001, rho=0.4, warmup=3, steps=20, guidance=3.5),
+    tiny_configs={
+        "transformer": dict(
+            patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        ),
+        "text_encoder": dict(  # CLIPTextConfig; vocab_size and special ids come from the tiny tokenizer
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=77, projection_dim=32,
+        ),
+        "text_encoder_2": dict(  # T5Config
+            d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+        ),
+        "vae": dict(  # AutoencoderKL
+            in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
+            block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
+            scaling_factor=0.3611, shift_factor=0.1159,
+        ),
+    },
+)

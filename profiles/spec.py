@@ -1,0 +1,189 @@
+"""The model-family spec: architecture facts, I/O names, shape ranges, scheduler defaults and tolerances.
+
+Every piece of shape arithmetic in the project (latent size, tokens per patch factor, divisibility, valid
+resolutions, the flow-matching shift) is a method here, used by the exporter and the runtime alike.
+The runtime rebuilds the spec from the manifest (``FluxSpec.from_dict``), so an engines folder carries its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .errors import DDiTError
+
+#: Names of the transformer engine's inputs and outputs: one contract for every patch factor.
+FLUX_TRANSFORMER_INPUTS = ("latent", "timestep", "guidance", "encoder_hidden_states", "pooled_projections")
+FLUX_TRANSFORMER_OUTPUTS = ("velocity",)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """ONNX-versus-torch parity bound: ``max|onnx - torch| <= atol + rtol * max|torch|``."""
+
+    atol: float
+    rtol: float
+
+    def bound(self, reference_scale: float) -> float:
+        return self.atol + self.rtol * reference_scale
+
+
+@dataclass(frozen=True)
+class SchedulerDefaults:
+    """DDiT scheduler and sampler defaults (paper: tau = 0.001, rho = 0.4)."""
+
+    tau: float = 0.001
+    rho: float = 0.4  # a quantile in [0, 1]: 0.4 is the 40th percentile of the per-patch stds
+    warmup: int = 3  # native steps before four latents exist for the third difference
+    steps: int = 50
+    guidance: float = 3.5
+
+
+@dataclass(frozen=True)
+class FlowShift:
+    """FLUX's resolution-dependent shift: ``mu = m * seq_len + b`` through (base_seq, base_shift), (max_seq, max_shift)."""
+
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+
+    def mu(self, image_seq_len: int) -> float:
+        m = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+        b = self.base_shift - m * self.base_seq_len
+        return image_seq_len * m + b
+
+
+@dataclass(frozen=True)
+class FluxSpec:
+    """One FLUX-family model: what the exporter checks the checkpoint against and the runtime sizes buffers from."""
+
+    name: str
+    hub_id: str | None
+    description: str
+    # Architecture facts (diffusers FluxTransformer2DModel, CLIP-L, T5, AutoencoderKL).
+    latent_channels: int = 16
+    vae_scale_factor: int = 8
+    native_patch: int = 2  # latent pixels per token side at the native size (the 2x2 packing)
+    joint_attention_dim: int = 4096
+    pooled_dim: int = 768
+    guidance_embedded: bool = True
+    t5_max_length: int = 512
+    clip_max_length: int = 77
+    vae_scaling_factor: float = 0.3611
+    vae_shift_factor: float = 0.1159
+    # What an export offers.
+    patch_factors: tuple[int, ...] = (1, 2, 4)
+    min_size: tuple[int, int] = (256, 256)  # (height, width) in pixels
+    opt_size: tuple[int, int] = (1024, 1024)
+    max_size: tuple[int, int] = (2048, 2048)
+    max_batch: int = 4
+    opset: int = 18
+    scheduler: SchedulerDefaults = SchedulerDefaults()
+    shift: FlowShift = FlowShift()
+    transformer_tolerance: Tolerance = Tolerance(atol=1e-4, rtol=1e-3)
+    text_tolerance: Tolerance = Tolerance(atol=1e-4, rtol=1e-3)
+    vae_tolerance: Tolerance = Tolerance(atol=1e-4, rtol=1e-3)
+    # Random-init component configs for the embedded tiny models (empty for real checkpoints).
+    tiny_configs: dict = field(default_factory=dict)
+    family: str = "flux"
+    transformer_inputs: tuple[str, ...] = FLUX_TRANSFORMER_INPUTS
+    transformer_outputs: tuple[str, ...] = FLUX_TRANSFORMER_OUTPUTS
+
+    # ---- shape arithmetic -------------------------------------------------------------------------------------
+
+    def patch_pixels(self, factor: int) -> int:
+        """Latent pixels per token side for patch factor ``factor`` (FLUX: 2, 4, 8 for k = 1, 2, 4)."""
+        return self.native_patch * factor
+
+    def token_channels(self, factor: int) -> int:
+        """Channels of one packed token: ``C * (patch_pixels)^2`` (FLUX: 64, 256, 1024)."""
+        return self.latent_channels * self.patch_pixels(factor) ** 2
+
+    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        """Latent height and width for an image of ``height x width`` pixels."""
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def token_grid(self, factor: int, height: int, width: int) -> tuple[int, int]:
+        """Token rows and columns at patch factor ``factor`` for an image of ``height x width`` pixels."""
+        lh, lw = self.latent_hw(height, width)
+        p = self.patch_pixels(factor)
+        return lh // p, lw // p
+
+    def tokens_for(self, factor: int, height: int, width: int) -> int:
+        """Image tokens per sample at patch factor ``factor``."""
+        rows, cols = self.token_grid(factor, height, width)
+        return rows * cols
+
+    def resolution_multiple(self, factors: tuple[int, ...]) -> int:
+        """Pixel multiple that height and width must have so that every factor in ``factors`` tiles the latent."""
+        return self.vae_scale_factor * self.native_patch * max(factors)
+
+    def check_factors(self, factors) -> tuple[int, ...]:
+        """Validate requested patch factors; return them sorted and de-duplicated, native first."""
+        out = sorted(set(int(f) for f in factors))
+        if not out:
+            raise DDiTError("no patch sizes given: pass e.g. --sizes 1,2,4")
+        bad = [f for f in out if f < 1 or f & (f - 1)]
+        if bad:
+            raise DDiTError(f"patch sizes must be powers of two, got {bad}: use a subset of {list(self.patch_factors)}")
+        unsupported = [f for f in out if f not in self.patch_factors]
+        if unsupported:
+            raise DDiTError(
+                f"patch sizes {unsupported} are not offered by profile '{self.name}': use a subset of "
+                f"{list(self.patch_factors)}"
+            )
+        if out[0] != 1:
+            raise DDiTError("the native size 1 must be among the sizes (it is the fallback of every schedule): add 1")
+        return tuple(out)
+
+    def check_resolution(self, height: int, width: int, factors: tuple[int, ...]) -> None:
+        """Raise a ``DDiTError`` naming valid sizes unless ``height x width`` is in range and tiles every factor."""
+        (h0, w0), (h1, w1) = self.min_size, self.max_size
+        if not (h0 <= height <= h1 and w0 <= width <= w1):
+            raise DDiTError(
+                f"resolution {height}x{width} is outside profile '{self.name}' ({h0}x{w0} to {h1}x{w1}): "
+                f"pick a height and width in that range"
+            )
+        mult = self.resolution_multiple(factors)
+        if height % mult or width % mult:
+            raise DDiTError(
+                f"resolution {height}x{width} does not tile patch sizes {list(factors)}: height and width must be "
+                f"multiples of {mult} pixels, e.g. {self._near(height, mult, h0, h1)}x{self._near(width, mult, w0, w1)}"
+            )
+
+    @staticmethod
+    def _near(value: int, mult: int, lo: int, hi: int) -> str:
+        down, up = (value // mult) * mult, math.ceil(value / mult) * mult
+        picks = [v for v in (down, up) if lo <= v <= hi]
+        return " or ".join(str(v) for v in dict.fromkeys(picks)) or str(lo)
+
+    def token_range(self, factor: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """(min, opt, max) token-grid (rows, cols) at ``factor``: the dynamic-dim ranges of that engine."""
+        return tuple(self.token_grid(factor, *size) for size in (self.min_size, self.opt_size, self.max_size))
+
+    def image_seq_len(self, height: int, width: int) -> int:
+        """Native token count, which sets FLUX's shift ``mu`` whatever patch size a step uses."""
+        return self.tokens_for(1, height, width)
+
+    # ---- serialisation (the manifest carries the spec) --------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("tiny_configs")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FluxSpec:
+        kw = dict(d)
+        try:
+            kw["scheduler"] = SchedulerDefaults(**kw["scheduler"])
+            kw["shift"] = FlowShift(**kw["shift"])
+            for key in ("transformer_tolerance", "text_tolerance", "vae_tolerance"):
+                kw[key] = Tolerance(**kw[key])
+            for key in ("patch_factors", "min_size", "opt_size", "max_size", "transformer_inputs", "transformer_outputs"):
+                kw[key] = tuple(kw[key])
+            return cls(**kw)
+        except (KeyError, TypeError) as e:
+            raise DDiTError(f"the manifest's profile block is malformed ({e}): re-export the engines folder") from None

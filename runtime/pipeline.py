@@ -1,0 +1,120 @@
+"""Text to image from an engines folder: tokenise, encode, flow-matching Euler with per-step engine choice, decode.
+
+The denoising loop keeps every tensor in preallocated buffers on one device. Switching the patch size for a step
+is a choice of session: all transformer engines read the same full-resolution latent and write the same velocity.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ddit_profiles import DDiTError
+
+from .engine import OrtEngine, pick_device
+from .manifest import Manifest, load_manifest
+from .scheduler import PatchScheduler
+from .sigmas import flux_sigmas
+from .text import PromptTokenizer, check_prompt
+
+
+@dataclass
+class Generation:
+    """What one ``generate`` call produced and how."""
+
+    image: torch.Tensor  # [3, H, W] uint8 on the CPU
+    schedule: list[int]
+    step_ms: list[float]
+    total_s: float
+    settings: dict = field(default_factory=dict)
+
+
+class FluxRuntime:
+    """Loads an engines folder (validated first) and generates images from prompts."""
+
+    def __init__(self, folder: str | Path, provider: str = "auto", verify: bool = True, sizes=None):
+        self.manifest: Manifest = load_manifest(folder, verify=verify)
+        self.spec = self.manifest.spec
+        self.device = pick_device(provider)
+        wanted = self.manifest.sizes if sizes is None else tuple(sizes)
+        missing = [k for k in wanted if k not in self.manifest.sizes]
+        if missing:
+            raise DDiTError(f"patch sizes {missing} were not exported to '{folder}' (it has "
+                            f"{list(self.manifest.sizes)}): re-export with them or drop them")
+        self.sizes = wanted
+        self.engines = {k: OrtEngine(self.manifest.transformer_path(k), self.device) for k in self.sizes}
+        self.text = {name: self._text_component(name) for name in ("text_encoder", "text_encoder_2")}
+        self.vae = OrtEngine(self.manifest.path(self.manifest.component("vae_decoder")["onnx"]), self.device)
+
+    def _text_component(self, name: str):
+        meta = self.manifest.component(name)
+        tokenizer = PromptTokenizer(self.manifest.path(meta["tokenizer"]), meta["max_length"], meta["pad_id"],
+                                    meta["pad_token"], "CLIP" if name == "text_encoder" else "T5")
+        return tokenizer, OrtEngine(self.manifest.path(meta["onnx"]), self.device)
+
+    def encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompt -> (T5 states [1, T, D], pooled CLIP [1, P]) on the runtime's device."""
+        check_prompt(prompt)
+        clip_tok, clip = self.text["text_encoder"]
+        t5_tok, t5 = self.text["text_encoder_2"]
+        return t5(input_ids=t5_tok(prompt)).contiguous(), clip(input_ids=clip_tok(prompt)).contiguous()
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """latent [1, 16, h, w] -> image [3, 8h, 8w] uint8 on the CPU."""
+        scaled = latent / self.spec.vae_scaling_factor + self.spec.vae_shift_factor
+        image = self.vae(latent=scaled)[0]
+        return ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+    def generate(self, prompt: str, height: int | None = None, width: int | None = None, steps: int | None = None,
+                 seed: int = 0, guidance: float | None = None, tau: float | None = None, rho: float | None = None,
+                 schedule: list[int] | None = None, progress: bool = True) -> Generation:
+        """Run the whole pipeline. ``schedule`` fixes the factor per step; None lets the DDiT scheduler choose."""
+        spec, defaults = self.spec, self.spec.scheduler
+        height, width = height or spec.opt_size[0], width or spec.opt_size[1]
+        steps, guidance = steps or defaults.steps, defaults.guidance if guidance is None else guidance
+        tau, rho = defaults.tau if tau is None else tau, defaults.rho if rho is None else rho
+        spec.check_resolution(height, width, self.sizes)
+        if not 0.0 <= rho <= 1.0:
+            raise DDiTError(f"--rho is a quantile and must be in [0, 1], got {rho}")
+        if schedule is not None and len(schedule) != steps:
+            raise DDiTError(f"the schedule has {len(schedule)} entries for {steps} steps: give one per step")
+        started = time.perf_counter()
+        t5, pooled = self.encode(prompt)
+        latent, step_ms, used = self._denoise(t5, pooled, height, width, steps, seed, guidance, tau, rho, schedule,
+                                              progress)
+        image = self.decode(latent)
+        settings = dict(prompt=prompt, seed=seed, steps=steps, height=height, width=width, guidance=guidance,
+                        tau=tau, rho=rho, schedule_mode="auto" if schedule is None else "fixed")
+        return Generation(image, used, step_ms, time.perf_counter() - started, settings)
+
+    def _denoise(self, t5, pooled, height, width, steps, seed, guidance, tau, rho, schedule, progress):
+        spec, dev = self.spec, self.device
+        lh, lw = spec.latent_hw(height, width)
+        gen = torch.Generator("cpu").manual_seed(seed)
+        latent = torch.randn(1, spec.latent_channels, lh, lw, generator=gen).to(dev)  # [1, 16, h, w]
+        velocity = torch.empty_like(latent)
+        sigmas = flux_sigmas(steps, spec.shift.mu(spec.image_seq_len(height, width))).tolist()  # host floats
+        timestep = torch.empty(1, device=dev)
+        feeds = {"latent": latent, "timestep": timestep, "guidance": torch.full((1,), float(guidance), device=dev),
+                 "encoder_hidden_states": t5, "pooled_projections": pooled}
+        scheduler = PatchScheduler(self.sizes, spec.native_patch, tau, rho, spec.scheduler.warmup)
+        if schedule is None:
+            scheduler.observe(latent)
+        used, step_ms = [], []
+        for i in tqdm(range(steps), desc="denoise", unit="step", disable=not progress, leave=False):
+            t0 = time.perf_counter()
+            factor = scheduler.next_factor() if schedule is None else schedule[i]  # the one host read per step
+            timestep.fill_(sigmas[i])
+            self.engines[factor].run(feeds, {"velocity": velocity})
+            latent.add_(velocity, alpha=sigmas[i + 1] - sigmas[i])  # Euler: z += (sigma_next - sigma) * v
+            if schedule is None:
+                scheduler.observe(latent)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)  # honest step times; the GPU queue is empty here anyway
+            step_ms.append((time.perf_counter() - t0) * 1000)
+            used.append(factor)
+        return latent, step_ms, used

@@ -1,0 +1,124 @@
+"""The training-free per-step patch scheduler: pick a coarser patch where the latent trajectory is smooth.
+
+From the last four latents it takes the third difference D3 (the "acceleration"), cuts it into candidate-size
+patches, and picks the largest patch size whose rho-quantile of per-patch std is below tau. All math stays on the
+latent's device; ``PatchScheduler.next_factor`` does the one host sync per step.
+"""
+
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+from ddit_profiles import DDiTError
+
+HISTORY = 4  # latents needed for a third difference
+
+
+def third_difference(z0: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, z3: torch.Tensor) -> torch.Tensor:
+    """Four latents oldest to newest (z_{t+2}, z_{t+1}, z_t, z_{t-1}) -> D3 = z3 - 3 z2 + 3 z1 - z0, same shape."""
+    return z3 - 3 * z2 + 3 * z1 - z0
+
+
+def patch_std_map(delta: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, C, *S, H, W] -> [B, *S, H/patch, W/patch]: population std inside each tile per channel, mean over C."""
+    *lead, h, w = delta.shape
+    if delta.dim() < 4 or h % patch or w % patch:
+        raise DDiTError(
+            f"cannot cut a latent of shape {tuple(delta.shape)} into {patch}x{patch} patches: "
+            "it needs [B, C, ..., H, W] with H and W multiples of the patch side"
+        )
+    tiles = delta.reshape(*lead, h // patch, patch, w // patch, patch)  # [B, C, *S, h, p, w, p]
+    return tiles.std(dim=(-3, -1), correction=0).mean(dim=1)
+
+
+def patch_sigma(delta: torch.Tensor, patch: int, rho: float) -> torch.Tensor:
+    """[B, C, *S, H, W] -> 0-dim float32: the rho-quantile of every per-patch value in the whole batch."""
+    values = patch_std_map(delta.float(), patch).flatten()
+    return torch.quantile(values, rho, interpolation="linear")
+
+
+def choose_factor(
+    delta: torch.Tensor, factors: Sequence[int], native_patch: int, tau: float, rho: float
+) -> torch.Tensor:
+    """[B, C, *S, H, W] -> 0-dim int64 on delta's device: the largest k > 1 with sigma(native_patch*k) < tau, else 1."""
+    coarse = sorted({int(k) for k in factors if k > 1})
+    if not coarse:
+        return torch.ones((), dtype=torch.int64, device=delta.device)
+    sigmas = torch.stack([patch_sigma(delta, native_patch * k, rho) for k in coarse])
+    ks = torch.tensor(coarse, dtype=torch.int64, device=delta.device)
+    return torch.where(sigmas < tau, ks, torch.ones_like(ks)).max()
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
+class PatchScheduler:
+    """Keeps the last four latents and decides the patch factor for the next step.
+
+    Runs native (factor 1) until four latents exist and at least ``warmup`` steps were taken.
+    """
+
+    def __init__(self, factors: Sequence[int], native_patch: int, tau: float, rho: float, warmup: int = 3):
+        if not 0.0 <= rho <= 1.0:
+            raise DDiTError(f"rho must lie in [0, 1], got {rho}: 0.4 means the 40th percentile")
+        if native_patch < 1:
+            raise DDiTError(f"native patch side must be a positive integer, got {native_patch}")
+        self.factors = tuple(int(k) for k in factors)
+        self.native_patch = native_patch
+        self.tau = tau
+        self.rho = rho
+        self.warmup = warmup
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the trajectory; call before every new generation."""
+        self.history: deque[torch.Tensor] = deque(maxlen=HISTORY)
+        self.observed = 0
+
+    def observe(self, latent: torch.Tensor) -> None:
+        """Store a copy of ``latent`` (reusing the oldest buffer once the history is full)."""
+        oldest = self.history[0] if len(self.history) == HISTORY else None
+        if oldest is not None and _same_layout(oldest, latent):
+            self.history.popleft()
+            buffer = oldest.copy_(latent)
+        else:
+            buffer = latent.detach().clone()
+        self.history.append(buffer)  # maxlen drops the oldest if it was not reused
+        self.observed += 1
+
+    def next_factor(self) -> int:
+        """The patch factor for the next step: 1 during warm-up, else ``choose_factor`` on D3 (one host sync)."""
+        if max(self.factors, default=1) <= 1:
+            return 1
+        if len(self.history) < HISTORY or self.observed - 1 < self.warmup:
+            return 1
+        delta = third_difference(*self.history)
+        return int(choose_factor(delta, self.factors, self.native_patch, self.tau, self.rho).item())
+
+
+def parse_schedule(text: str, steps: int, factors: Sequence[int]) -> list[int] | None:
+    """The ``--schedule`` value: 'auto' -> None, '2' -> [2] * steps, '1,2,4,...' -> that list (one per step)."""
+    text = text.strip()
+    if text.lower() == "auto":
+        return None
+    try:
+        schedule = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise DDiTError(
+            f"cannot parse schedule '{text}': use 'auto', a factor such as 2, or a comma list such as 1,2,4,..."
+        ) from None
+    if len(schedule) == 1:
+        schedule = schedule * steps
+    elif len(schedule) != steps:
+        raise DDiTError(
+            f"schedule has {len(schedule)} entries but --steps is {steps}: "
+            "give one factor per step, a single factor, or 'auto'"
+        )
+    exported = sorted({int(k) for k in factors})
+    for k in schedule:
+        if k not in exported:
+            raise DDiTError(
+                f"schedule uses patch size {k}, which was not exported (exported: {', '.join(map(str, exported))})"
+            )
+    return schedule
