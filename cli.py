@@ -38,18 +38,34 @@ def _parse_sizes(text: str) -> list[int]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("family", metavar="FAMILY")
-@click.option("--sizes", default="1,2,4", show_default=True,
-              help="Patch factors to export, comma-separated: 1 is the native patch, 2 and 4 run on 4x and 16x "
-                   "fewer image tokens.")
-@click.option("--model", default="tiny", show_default=True,
-              help="'tiny' (the embedded model), a local diffusers folder, or a hub id (read from the local cache; "
-                   "HF_HUB_OFFLINE=1 is honoured).")
-@click.option("--profile", "profile_name", default=None,
-              help=f"Profile to check the checkpoint against and size the graphs by (default: the family's, or its "
-                   f"tiny variant for --model tiny). Known: {', '.join(PROFILES)}.")
-@click.option("--adapters", default=None, metavar="FILE",
-              help="DDiT adapters (.safetensors from ddit-train). Without it the coarse engines use the untrained "
-                   "PI-resize initialisation, and the manifest says so.")
+@click.option(
+    "--sizes",
+    default="1,2,4",
+    show_default=True,
+    help="Patch factors to export, comma-separated: 1 is the native patch, 2 and 4 run on 4x and 16x "
+    "fewer image tokens.",
+)
+@click.option(
+    "--model",
+    default="tiny",
+    show_default=True,
+    help="'tiny' (the embedded model), a local diffusers folder, or a hub id (read from the local cache; "
+    "HF_HUB_OFFLINE=1 is honoured).",
+)
+@click.option(
+    "--profile",
+    "profile_name",
+    default=None,
+    help=f"Profile to check the checkpoint against and size the graphs by (default: the family's, or its "
+    f"tiny variant for --model tiny). Known: {', '.join(PROFILES)}.",
+)
+@click.option(
+    "--adapters",
+    default=None,
+    metavar="FILE",
+    help="DDiT adapters (.safetensors from ddit-train). Without it the coarse engines use the untrained "
+    "PI-resize initialisation, and the manifest says so.",
+)
 @click.option("-o", "--output", default="engines", show_default=True, help="Engines folder to create.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists (only once the export succeeded).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -73,8 +89,11 @@ def export_main(family, sizes, model, profile_name, adapters, output, force, qui
 
     manifest = export_flux(model, spec, factors, output, adapters_path=adapters, force=force, progress=not quiet)
     errs = {f"k={k}": c["max_abs_error"] for k, c in manifest["components"]["transformer"].items()}
-    click.echo(f"wrote {output}: sizes {manifest['sizes']}, {manifest['source']['initialisation']}; "
-               f"max |onnx - torch| {', '.join(f'{k} {v:.2g}' for k, v in errs.items())}", err=True)
+    click.echo(
+        f"wrote {output}: sizes {manifest['sizes']}, {manifest['source']['initialisation']}; "
+        f"max |onnx - torch| {', '.join(f'{k} {v:.2g}' for k, v in errs.items())}",
+        err=True,
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,20 +105,34 @@ def export_main(family, sizes, model, profile_name, adapters, output, force, qui
 @click.option("--height", type=int, default=None, help="Image height in pixels (default: the profile's opt size).")
 @click.option("--width", type=int, default=None, help="Image width in pixels (default: the profile's opt size).")
 @click.option("--guidance", type=float, default=None, help="Embedded guidance scale (default: the manifest's).")
-@click.option("--tau", type=float, default=None,
-              help="Scheduler threshold: the largest patch whose rho-quantile of per-patch std of the third "
-                   "difference is below tau is chosen. Larger is faster, smaller is finer (default: manifest's).")
+@click.option(
+    "--tau",
+    type=float,
+    default=None,
+    help="Scheduler threshold: the largest patch whose rho-quantile of per-patch std of the third "
+    "difference is below tau is chosen. Larger is faster, smaller is finer (default: manifest's).",
+)
 @click.option("--rho", type=float, default=None, help="Quantile in [0, 1] of the per-patch stds (default 0.4).")
-@click.option("--schedule", default="auto", show_default=True,
-              help="'auto' (DDiT decides per step), a fixed factor such as 1 (the native baseline), or one factor "
-                   "per step such as 1,1,1,4,4,2,...")
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="ONNX Runtime execution provider.")
+@click.option(
+    "--schedule",
+    default="auto",
+    show_default=True,
+    help="'auto' (DDiT decides per step), a fixed factor such as 1 (the native baseline), or one factor "
+    "per step such as 1,1,1,4,4,2,...",
+)
+@click.option(
+    "--provider",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="ONNX Runtime execution provider.",
+)
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine files (sizes are still checked).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the schedule and timings on stdout.")
 @_one_line_errors
-def run_main(engines, prompt, output, steps, seed, height, width, guidance, tau, rho, schedule, provider, no_verify,
-             as_json):
+def run_main(
+    engines, prompt, output, steps, seed, height, width, guidance, tau, rho, schedule, provider, no_verify, as_json
+):
     """Generate an image from ENGINES_DIR (made by ddit-export), switching patch-size engines per step.
 
     \b
@@ -114,20 +147,44 @@ def run_main(engines, prompt, output, steps, seed, height, width, guidance, tau,
     check_prompt(prompt)
     check_png_path(output)
     runtime = FluxRuntime(engines, provider=provider, verify=not no_verify)
-    steps = steps or runtime.spec.scheduler.steps
+    steps = runtime.spec.scheduler.steps if steps is None else steps
     fixed = parse_schedule(schedule, steps, runtime.sizes)
-    result = runtime.generate(prompt, height=height, width=width, steps=steps, seed=seed, guidance=guidance,
-                              tau=tau, rho=rho, schedule=fixed, progress=not as_json)
+    result = runtime.generate(
+        prompt,
+        height=height,
+        width=width,
+        steps=steps,
+        seed=seed,
+        guidance=guidance,
+        tau=tau,
+        rho=rho,
+        schedule=fixed,
+        progress=not as_json,
+    )
     path = save_png(result.image, output, result.settings, result.schedule)
     coarse = sum(k > 1 for k in result.schedule) / len(result.schedule)
     if as_json:
-        click.echo(json.dumps(dict(schedule=result.schedule, step_ms=[round(t, 3) for t in result.step_ms],
-                                   total_s=round(result.total_s, 4), output=str(path), engines=list(runtime.sizes),
-                                   coarse_fraction=round(coarse, 4), device=str(runtime.device), **result.settings)))
+        click.echo(
+            json.dumps(
+                dict(
+                    schedule=result.schedule,
+                    step_ms=[round(t, 3) for t in result.step_ms],
+                    total_s=round(result.total_s, 4),
+                    output=str(path),
+                    engines=list(runtime.sizes),
+                    coarse_fraction=round(coarse, 4),
+                    device=str(runtime.device),
+                    **result.settings,
+                )
+            )
+        )
     else:
-        click.echo(f"wrote {path} ({result.settings['height']}x{result.settings['width']}, {steps} steps, "
-                   f"{result.total_s:.2f} s); schedule {''.join(map(str, result.schedule))}, "
-                   f"{coarse:.0%} of steps coarse", err=True)
+        click.echo(
+            f"wrote {path} ({result.settings['height']}x{result.settings['width']}, {steps} steps, "
+            f"{result.total_s:.2f} s); schedule {''.join(map(str, result.schedule))}, "
+            f"{coarse:.0%} of steps coarse",
+            err=True,
+        )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ residual path, and LoRA (peft) on every block's feed-forward layers. Also the ad
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -109,8 +108,14 @@ def lora_config(transformer, rank: int, alpha: float):
 class DDiTAdapters:
     """The adapters of every coarse size: ``SizeAdapter`` modules plus peft LoRA state dicts, keyed by factor."""
 
-    def __init__(self, sizes: dict[int, SizeAdapter], lora: dict[int, dict[str, torch.Tensor]], rank: int,
-                 alpha: float, meta: dict):
+    def __init__(
+        self,
+        sizes: dict[int, SizeAdapter],
+        lora: dict[int, dict[str, torch.Tensor]],
+        rank: int,
+        alpha: float,
+        meta: dict,
+    ):
         self.sizes, self.lora, self.rank, self.alpha, self.meta = sizes, lora, rank, alpha, meta
 
     @property
@@ -122,16 +127,26 @@ class DDiTAdapters:
         for k, adapter in self.sizes.items():
             tensors |= {f"size{k}.{n}": t.detach().contiguous() for n, t in adapter.state_dict().items()}
             tensors |= {f"size{k}.lora.{n}": t.detach().contiguous() for n, t in self.lora[k].items()}
-        meta = dict(self.meta, format=ADAPTERS_FORMAT, sizes=",".join(map(str, self.factors)),
-                    rank=str(self.rank), alpha=str(self.alpha))
+        meta = dict(
+            self.meta,
+            format=ADAPTERS_FORMAT,
+            sizes=",".join(map(str, self.factors)),
+            rank=str(self.rank),
+            alpha=str(self.alpha),
+        )
         save_file(tensors, str(path), metadata={k: str(v) for k, v in meta.items()})
 
 
 def model_signature(transformer, spec: FluxSpec) -> dict:
     """What an adapters file must agree with: family and the transformer's shape-defining config."""
     c = transformer.config
-    return dict(family=spec.family, inner_dim=transformer.inner_dim, num_layers=c.num_layers,
-                num_single_layers=c.num_single_layers, in_channels=c.in_channels)
+    return dict(
+        family=spec.family,
+        inner_dim=transformer.inner_dim,
+        num_layers=c.num_layers,
+        num_single_layers=c.num_single_layers,
+        in_channels=c.in_channels,
+    )
 
 
 def load_adapters(path: str | Path, transformer, spec: FluxSpec, factors: list[int]) -> DDiTAdapters:
@@ -146,8 +161,9 @@ def load_adapters(path: str | Path, transformer, spec: FluxSpec, factors: list[i
     except (SafetensorError, OSError, ValueError) as e:
         raise DDiTError(f"adapters file '{path}' is not a readable safetensors file ({e})") from None
     if meta.get("format") != ADAPTERS_FORMAT:
-        raise DDiTError(f"'{path}' is not a DDiT adapters file (format {meta.get('format')!r}, "
-                        f"expected {ADAPTERS_FORMAT!r})")
+        raise DDiTError(
+            f"'{path}' is not a DDiT adapters file (format {meta.get('format')!r}, expected {ADAPTERS_FORMAT!r})"
+        )
     want = model_signature(transformer, spec)
     bad = [f"{k} {meta.get(k)} != {v}" for k, v in want.items() if meta.get(k) != str(v)]
     if bad:
@@ -155,25 +171,31 @@ def load_adapters(path: str | Path, transformer, spec: FluxSpec, factors: list[i
     have = [int(s) for s in meta.get("sizes", "").split(",") if s]
     missing = [k for k in factors if k > 1 and k not in have]
     if missing:
-        raise DDiTError(f"adapters file '{path}' has sizes {have} but not {missing}: train those or drop them "
-                        f"from --sizes")
+        raise DDiTError(
+            f"adapters file '{path}' has sizes {have} but not {missing}: train those or drop them from --sizes"
+        )
     rank, alpha = int(meta["rank"]), float(meta["alpha"])
     sizes, lora = {}, {}
     for k in [k for k in factors if k > 1]:
         adapter = SizeAdapter(spec, k, transformer.inner_dim)
         prefix, lora_prefix = f"size{k}.", f"size{k}.lora."
-        own = {n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix) and not n.startswith(lora_prefix)}
+        own = {
+            n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix) and not n.startswith(lora_prefix)
+        }
         try:
             adapter.load_state_dict(own, strict=True)
         except RuntimeError as e:
-            raise DDiTError(f"adapters file '{path}' size {k} does not fit the model: {str(e).splitlines()[0]}") from None
+            raise DDiTError(
+                f"adapters file '{path}' size {k} does not fit the model: {str(e).splitlines()[0]}"
+            ) from None
         sizes[k] = adapter.eval().requires_grad_(False)
-        lora[k] = {n[len(lora_prefix):]: t for n, t in tensors.items() if n.startswith(lora_prefix)}
+        lora[k] = {n[len(lora_prefix) :]: t for n, t in tensors.items() if n.startswith(lora_prefix)}
     return DDiTAdapters(sizes, lora, rank, alpha, meta)
 
 
 def untrained_adapters(transformer, spec: FluxSpec, factors: list[int], rank: int = 32) -> DDiTAdapters:
     """PI-resize/bilinear initialisation with no LoRA (B = 0 in peft's init, so it would be a no-op)."""
     sizes = {k: SizeAdapter.from_base(transformer, spec, k).eval().requires_grad_(False) for k in factors if k > 1}
-    return DDiTAdapters(sizes, {k: {} for k in sizes}, rank, float(rank),
-                        dict(model_signature(transformer, spec), trained="false"))
+    return DDiTAdapters(
+        sizes, {k: {} for k in sizes}, rank, float(rank), dict(model_signature(transformer, spec), trained="false")
+    )

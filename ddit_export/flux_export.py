@@ -78,17 +78,24 @@ def _export_transformer(parts, spec, adapters, factor, folder: Path) -> dict:
     (r0, c0), _, (r1, c1) = spec.token_range(factor)
     batch = Dim("batch", min=1, max=spec.max_batch)
     rows, cols = Dim(f"rows_k{factor}", min=r0, max=r1), Dim(f"cols_k{factor}", min=c0, max=c1)
-    dynamic = {"latent": {0: batch, 2: patch * rows, 3: patch * cols}, "timestep": {0: batch},
-               "guidance": {0: batch}, "encoder_hidden_states": {0: batch}, "pooled_projections": {0: batch}}
+    dynamic = {
+        "latent": {0: batch, 2: patch * rows, 3: patch * cols},
+        "timestep": {0: batch},
+        "guidance": {0: batch},
+        "encoder_hidden_states": {0: batch},
+        "pooled_projections": {0: batch},
+    }
     path = folder / f"transformer_k{factor}.onnx"
     with size_variant(transformer, adapters, factor) as adapter:
         engine = FluxEngine(transformer, spec, factor, adapter).eval()
         example = _transformer_inputs(spec, 2, *spec.opt_size, gen)
-        files = export_onnx(engine, example, spec.transformer_inputs, spec.transformer_outputs, dynamic, path,
-                            spec.opset)
+        files = export_onnx(
+            engine, example, spec.transformer_inputs, spec.transformer_outputs, dynamic, path, spec.opset
+        )
         feeds = [_transformer_inputs(spec, b, h, w, gen) for b, h, w in _parity_sizes(spec)]
-        err = check_parity(path, engine, feeds, spec.transformer_inputs, spec.transformer_tolerance,
-                           f"transformer k={factor}")
+        err = check_parity(
+            path, engine, feeds, spec.transformer_inputs, spec.transformer_tolerance, f"transformer k={factor}"
+        )
     return dict(onnx=path.name, files=[f.name for f in files], max_abs_error=err)
 
 
@@ -104,8 +111,10 @@ def _export_text(parts, spec, folder: Path) -> dict:
     out = {}
     gen = torch.Generator().manual_seed(7)
     batch = Dim("batch", min=1, max=spec.max_batch)
-    jobs = (("text_encoder", ClipPooled, "tokenizer", spec.clip_max_length, "pooled_projections"),
-            ("text_encoder_2", T5Hidden, "tokenizer_2", spec.t5_max_length, "encoder_hidden_states"))
+    jobs = (
+        ("text_encoder", ClipPooled, "tokenizer", spec.clip_max_length, "pooled_projections"),
+        ("text_encoder_2", T5Hidden, "tokenizer_2", spec.t5_max_length, "encoder_hidden_states"),
+    )
     for name, wrapper, tok_name, length, output in jobs:
         module, tokenizer = wrapper(parts[name]).eval(), parts[tok_name]
         feeds = _token_feeds(tokenizer, length, parts[name].config.vocab_size, gen)
@@ -114,9 +123,16 @@ def _export_text(parts, spec, folder: Path) -> dict:
         err = check_parity(path, module, feeds, ("input_ids",), spec.text_tolerance, name)
         (folder / tok_name).mkdir()
         tokenizer.backend_tokenizer.save(str(folder / tok_name / "tokenizer.json"))
-        out[name] = dict(onnx=path.name, files=[f.name for f in files], max_abs_error=err, output=output,
-                         tokenizer=f"{tok_name}/tokenizer.json", max_length=length,
-                         pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+        out[name] = dict(
+            onnx=path.name,
+            files=[f.name for f in files],
+            max_abs_error=err,
+            output=output,
+            tokenizer=f"{tok_name}/tokenizer.json",
+            max_length=length,
+            pad_id=tokenizer.pad_token_id,
+            pad_token=tokenizer.pad_token,
+        )
     return out
 
 
@@ -124,19 +140,32 @@ def _export_vae(parts, spec, folder: Path) -> dict:
     module = VaeDecode(parts["vae"]).eval()
     gen = torch.Generator().manual_seed(11)
     (h0, w0), (h1, w1) = (spec.latent_hw(*spec.min_size), spec.latent_hw(*spec.max_size))
-    dynamic = {"latent": {0: Dim("batch", min=1, max=spec.max_batch), 2: Dim("latent_h", min=h0, max=h1),
-                          3: Dim("latent_w", min=w0, max=w1)}}
+    dynamic = {
+        "latent": {
+            0: Dim("batch", min=1, max=spec.max_batch),
+            2: Dim("latent_h", min=h0, max=h1),
+            3: Dim("latent_w", min=w0, max=w1),
+        }
+    }
     example = (torch.randn(2, spec.latent_channels, *spec.latent_hw(*spec.opt_size), generator=gen),)
     path = folder / "vae_decoder.onnx"
     files = export_onnx(module, example, ("latent",), ("image",), dynamic, path, spec.opset)
-    feeds = [(torch.randn(b, spec.latent_channels, *spec.latent_hw(h, w), generator=gen),)
-             for b, h, w in _parity_sizes(spec)]
+    feeds = [
+        (torch.randn(b, spec.latent_channels, *spec.latent_hw(h, w), generator=gen),) for b, h, w in _parity_sizes(spec)
+    ]
     err = check_parity(path, module, feeds, ("latent",), spec.vae_tolerance, "vae_decoder")
     return dict(onnx=path.name, files=[f.name for f in files], max_abs_error=err)
 
 
-def export_flux(model: str, spec: FluxSpec, factors, out_dir: str | Path, adapters_path: str | None = None,
-                force: bool = False, progress: bool = True) -> dict:
+def export_flux(
+    model: str,
+    spec: FluxSpec,
+    factors,
+    out_dir: str | Path,
+    adapters_path: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     """Export everything ``ddit-run`` needs into ``out_dir``; return the manifest."""
     factors = spec.check_factors(factors)
     out_dir = Path(out_dir)
@@ -167,9 +196,13 @@ def export_flux(model: str, spec: FluxSpec, factors, out_dir: str | Path, adapte
         if doubles:
             name, found = next(iter(doubles.items()))
             raise DDiTError(f"{name} contains float64 tensors ({', '.join(found[:3])}); TensorRT cannot run it")
-        source = dict(model=model, adapters=str(adapters_path) if adapters_path else None,
-                      adapters_trained=trained,
-                      initialisation="trained adapters" if trained else
-                      "untrained: PI-resize embedding, bilinear de-embedding, no LoRA")
+        source = dict(
+            model=model,
+            adapters=str(adapters_path) if adapters_path else None,
+            adapters_trained=trained,
+            initialisation="trained adapters"
+            if trained
+            else "untrained: PI-resize embedding, bilinear de-embedding, no LoRA",
+        )
         manifest = write_manifest(folder, spec, factors, components, source, time.time() - started)
     return manifest

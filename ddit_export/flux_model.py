@@ -12,7 +12,7 @@ import contextlib
 import torch
 from torch import nn
 
-from ddit_profiles import FluxSpec
+from ddit_profiles import DDiTError, FluxSpec
 from ddit_runtime.patchify import pack, unpack
 
 from .adapters import DDiTAdapters, SizeAdapter, lora_config
@@ -42,8 +42,9 @@ def image_ids(rows: int, cols: int, factor: int, device=None) -> torch.Tensor:
     offset = (factor - 1) / 2
     r = torch.arange(rows, device=device, dtype=torch.float32) * factor + offset
     c = torch.arange(cols, device=device, dtype=torch.float32) * factor + offset
-    grid = torch.stack([torch.zeros(rows, cols, device=device), r[:, None].expand(rows, cols),
-                        c[None, :].expand(rows, cols)], dim=-1)
+    grid = torch.stack(
+        [torch.zeros(rows, cols, device=device), r[:, None].expand(rows, cols), c[None, :].expand(rows, cols)], dim=-1
+    )
     return grid.reshape(rows * cols, 3)
 
 
@@ -64,8 +65,14 @@ class FluxEngine(nn.Module):
         img_ids = image_ids(height // patch, width // patch, self.factor, latent.device)
         txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=latent.device)
         out = self.transformer(
-            hidden_states=tokens, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
-            timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False,
+            hidden_states=tokens,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance,
+            return_dict=False,
         )[0]
         velocity = unpack(out, patch, height, width)
         if self.adapter is not None:
@@ -85,8 +92,9 @@ def _replace(model, name: str, module: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def merged_lora(transformer, adapters: DDiTAdapters, factor: int):
-    """Inject size ``factor``'s LoRA with peft, merge it (W += scale * B @ A), and leave plain Linears behind.
+def applied_lora(transformer, adapters: DDiTAdapters, factor: int, merge: bool = True):
+    """Inject size ``factor``'s LoRA with peft and load its weights; with ``merge``, fold it in (W += s * B @ A)
+    and leave plain Linears behind, as the exported graph needs. Unmerged is the trainer's and the reference's view.
 
     On exit the merge is undone and the peft wrappers are removed, so the base serves the next size.
     """
@@ -98,17 +106,21 @@ def merged_lora(transformer, adapters: DDiTAdapters, factor: int):
 
     name = f"ddit_size{factor}"
     inject_adapter_in_model(lora_config(transformer, adapters.rank, adapters.alpha), transformer, adapter_name=name)
-    result = set_peft_model_state_dict(transformer, state, adapter_name=name)
-    unexpected = getattr(result, "unexpected_keys", None) or []
     layers = _lora_layers(transformer)
     try:
+        try:
+            result = set_peft_model_state_dict(transformer, state, adapter_name=name)
+        except RuntimeError as e:
+            raise DDiTError(
+                f"adapters LoRA for size {factor} does not fit the model: {str(e).splitlines()[0]}"
+            ) from None
+        unexpected = getattr(result, "unexpected_keys", None) or []
         if unexpected:
-            from ddit_profiles import DDiTError
-
             raise DDiTError(f"adapters LoRA for size {factor} has keys the model lacks, e.g. {unexpected[0]}")
-        for lname, layer in layers:
-            layer.merge(adapter_names=[name])
-            _replace(transformer, lname, layer.get_base_layer())
+        if merge:
+            for lname, layer in layers:
+                layer.merge(adapter_names=[name])
+                _replace(transformer, lname, layer.get_base_layer())
         yield
     finally:
         for lname, layer in layers:
@@ -116,13 +128,19 @@ def merged_lora(transformer, adapters: DDiTAdapters, factor: int):
             if layer.merged:
                 layer.unmerge()
             _replace(transformer, lname, layer.get_base_layer())
+        configs = getattr(transformer, "peft_config", None)
+        if isinstance(configs, dict):
+            configs.pop(name, None)
+            if not configs:
+                del transformer.peft_config
 
 
 @contextlib.contextmanager
 def size_variant(transformer, adapters: DDiTAdapters | None, factor: int, merge_lora: bool = True):
     """Swap size ``factor``'s embedding/de-embedding and a float32 RoPE into ``transformer``; restore on exit.
 
-    Factor 1 only swaps the RoPE (numerically the base's, without float64). Yields the ``SizeAdapter`` or None.
+    Factor 1 only swaps the RoPE (numerically the base's, without float64). ``merge_lora=False`` keeps the LoRA
+    as a separate peft branch (the student as trained). Yields the ``SizeAdapter`` or None.
     """
     saved = dict(x_embedder=transformer.x_embedder, proj_out=transformer.proj_out, pos_embed=transformer.pos_embed)
     transformer.pos_embed = Float32FluxPosEmbed(saved["pos_embed"].theta, saved["pos_embed"].axes_dim)
@@ -132,8 +150,7 @@ def size_variant(transformer, adapters: DDiTAdapters | None, factor: int, merge_
             yield None
             return
         transformer.x_embedder, transformer.proj_out = adapter.embed, adapter.unembed
-        lora = merged_lora(transformer, adapters, factor) if merge_lora else contextlib.nullcontext()
-        with lora:
+        with applied_lora(transformer, adapters, factor, merge=merge_lora):
             yield adapter
     finally:
         for key, module in saved.items():

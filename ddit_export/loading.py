@@ -52,8 +52,9 @@ def _from_pretrained(model: str) -> dict:
             tokenizer_2=AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2"),
         )
     except OSError as e:
-        offline = " (HF_HUB_OFFLINE is set, so only the local cache was searched)" if os.environ.get(
-            "HF_HUB_OFFLINE") else ""
+        offline = (
+            " (HF_HUB_OFFLINE is set, so only the local cache was searched)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        )
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DDiTError(f"could not load '{model}'{offline}: {first}") from None
 

@@ -33,7 +33,9 @@ def staging_folder(out_dir: Path, force: bool):
         yield stage
         if out_dir.exists():
             if not force:
-                raise DDiTError(f"output folder '{out_dir}' appeared during the export: pass --force or pick another -o")
+                raise DDiTError(
+                    f"output folder '{out_dir}' appeared during the export: pass --force or pick another -o"
+                )
             old = parent / f".{out_dir.name}.old-{os.getpid()}"
             out_dir.rename(old)
             stage.rename(out_dir)
@@ -50,20 +52,29 @@ def io_contract(spec: FluxSpec, text: dict) -> dict:
     latent = ["batch", spec.latent_channels, "latent_height", "latent_width"]
     return {
         "transformer": {
-            "inputs": {"latent": [f32, latent], "timestep": [f32, ["batch"]], "guidance": [f32, ["batch"]],
-                       "encoder_hidden_states": [f32, ["batch", spec.t5_max_length, spec.joint_attention_dim]],
-                       "pooled_projections": [f32, ["batch", spec.pooled_dim]]},
+            "inputs": {
+                "latent": [f32, latent],
+                "timestep": [f32, ["batch"]],
+                "guidance": [f32, ["batch"]],
+                "encoder_hidden_states": [f32, ["batch", spec.t5_max_length, spec.joint_attention_dim]],
+                "pooled_projections": [f32, ["batch", spec.pooled_dim]],
+            },
             "outputs": {"velocity": [f32, latent]},
             "timestep_meaning": "flow-matching sigma in [0, 1] (the graph multiplies by 1000 as diffusers does)",
         },
-        "text_encoder": {"inputs": {"input_ids": [i64, ["batch", text["text_encoder"]["max_length"]]]},
-                         "outputs": {"pooled_projections": [f32, ["batch", spec.pooled_dim]]}},
-        "text_encoder_2": {"inputs": {"input_ids": [i64, ["batch", text["text_encoder_2"]["max_length"]]]},
-                           "outputs": {"encoder_hidden_states": [f32, ["batch", spec.t5_max_length,
-                                                                         spec.joint_attention_dim]]}},
-        "vae_decoder": {"inputs": {"latent": [f32, latent]},
-                        "outputs": {"image": [f32, ["batch", 3, "height", "width"]]},
-                        "input_meaning": "latent / scaling_factor + shift_factor (the runtime applies it)"},
+        "text_encoder": {
+            "inputs": {"input_ids": [i64, ["batch", text["text_encoder"]["max_length"]]]},
+            "outputs": {"pooled_projections": [f32, ["batch", spec.pooled_dim]]},
+        },
+        "text_encoder_2": {
+            "inputs": {"input_ids": [i64, ["batch", text["text_encoder_2"]["max_length"]]]},
+            "outputs": {"encoder_hidden_states": [f32, ["batch", spec.t5_max_length, spec.joint_attention_dim]]},
+        },
+        "vae_decoder": {
+            "inputs": {"latent": [f32, latent]},
+            "outputs": {"image": [f32, ["batch", 3, "height", "width"]]},
+            "input_meaning": "latent / scaling_factor + shift_factor (the runtime applies it)",
+        },
     }
 
 
@@ -88,15 +99,32 @@ def write_manifest(folder: Path, spec: FluxSpec, factors, components: dict, sour
             "width": [spec.min_size[1], spec.opt_size[1], spec.max_size[1]],
             "multiple": spec.resolution_multiple(factors),
         },
-        "scheduler": {"tau": spec.scheduler.tau, "rho": spec.scheduler.rho, "warmup": spec.scheduler.warmup,
-                      "steps": spec.scheduler.steps, "guidance": spec.scheduler.guidance},
-        "latent": {"channels": spec.latent_channels, "vae_scale_factor": spec.vae_scale_factor,
-                   "scaling_factor": spec.vae_scaling_factor, "shift_factor": spec.vae_shift_factor},
-        "sigmas": {"type": "flow_match_euler", "shift": "exponential, mu from the native token count",
-                   "base_seq_len": spec.shift.base_seq_len, "max_seq_len": spec.shift.max_seq_len,
-                   "base_shift": spec.shift.base_shift, "max_shift": spec.shift.max_shift},
-        "exporter": {"ddit_version": __version__, "seconds": round(seconds, 1),
-                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "scheduler": {
+            "tau": spec.scheduler.tau,
+            "rho": spec.scheduler.rho,
+            "warmup": spec.scheduler.warmup,
+            "steps": spec.scheduler.steps,
+            "guidance": spec.scheduler.guidance,
+        },
+        "latent": {
+            "channels": spec.latent_channels,
+            "vae_scale_factor": spec.vae_scale_factor,
+            "scaling_factor": spec.vae_scaling_factor,
+            "shift_factor": spec.vae_shift_factor,
+        },
+        "sigmas": {
+            "type": "flow_match_euler",
+            "shift": "exponential, mu from the native token count",
+            "base_seq_len": spec.shift.base_seq_len,
+            "max_seq_len": spec.shift.max_seq_len,
+            "base_shift": spec.shift.base_shift,
+            "max_shift": spec.shift.max_shift,
+        },
+        "exporter": {
+            "ddit_version": __version__,
+            "seconds": round(seconds, 1),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 from ddit_profiles import DDiTError, Tolerance
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; stay clear of it
+# The exporter logs one warning per torchvision op it cannot register; we export no torchvision ops.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 def param_bytes(module: torch.nn.Module) -> int:
@@ -18,20 +21,29 @@ def param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in seen.values())
 
 
-def export_onnx(module, args: tuple, names: tuple[str, ...], outputs: tuple[str, ...], dynamic_shapes: dict,
-                path: Path, opset: int) -> list[Path]:
+def export_onnx(
+    module, args: tuple, names: tuple[str, ...], outputs: tuple[str, ...], dynamic_shapes: dict, path: Path, opset: int
+) -> list[Path]:
     """Export ``module(*args)`` to ``path`` with dynamo at ``opset``; return the files written (graph + data)."""
     external = param_bytes(module) > EXTERNAL_DATA_BYTES
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                module, args, dynamo=True, opset_version=opset, input_names=list(names), output_names=list(outputs),
-                dynamic_shapes=dynamic_shapes, verbose=False,
+                module,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(names),
+                output_names=list(outputs),
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
             )
         except Exception as e:  # the exporter raises many types; name the component and keep the cause
-            raise DDiTError(f"torch.onnx export of {path.name} failed: {type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+            raise DDiTError(
+                f"torch.onnx export of {path.name} failed: {type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            ) from e
         program.save(str(path), external_data=external)
     return sorted(p for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + "."))
 
@@ -89,7 +101,9 @@ def check_parity(path: Path, module, feeds: list[tuple], names: tuple[str, ...],
         bound = tol.bound(ref.abs().max().item())
         worst = max(worst, err)
         if not err <= bound:  # also catches NaN
-            raise DDiTError(f"{label}: ONNX Runtime differs from torch by {err:.3g} at input shape "
-                            f"{tuple(args[0].shape)} (tolerance {bound:.3g}); the export is not trustworthy")
+            raise DDiTError(
+                f"{label}: ONNX Runtime differs from torch by {err:.3g} at input shape "
+                f"{tuple(args[0].shape)} (tolerance {bound:.3g}); the export is not trustworthy"
+            )
     del session
     return worst

@@ -43,11 +43,16 @@ def _word_tokenizer(specials: list[str], template: str, pad: str, eos: str, bos:
 def tiny_tokenizers(spec: FluxSpec):
     """(CLIP-style, T5-style) fast tokenizers over the caption vocabulary."""
     clip = _word_tokenizer(
-        ["<|startoftext|>", "<|endoftext|>", "<unk>"], "<|startoftext|> $A <|endoftext|>",
-        pad="<|endoftext|>", eos="<|endoftext|>", bos="<|startoftext|>", max_len=spec.clip_max_length,
+        ["<|startoftext|>", "<|endoftext|>", "<unk>"],
+        "<|startoftext|> $A <|endoftext|>",
+        pad="<|endoftext|>",
+        eos="<|endoftext|>",
+        bos="<|startoftext|>",
+        max_len=spec.clip_max_length,
     )
-    t5 = _word_tokenizer(["<pad>", "</s>", "<unk>"], "$A </s>", pad="<pad>", eos="</s>", bos=None,
-                         max_len=spec.t5_max_length)
+    t5 = _word_tokenizer(
+        ["<pad>", "</s>", "<unk>"], "$A </s>", pad="<pad>", eos="</s>", bos=None, max_len=spec.t5_max_length
+    )
     return clip, t5
 
 
@@ -59,17 +64,28 @@ def build_tiny_flux(spec: FluxSpec, seed: int = 0) -> dict:
     clip_tok, t5_tok = tiny_tokenizers(spec)
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(**cfg["transformer"])
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(clip_tok), bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
-        pad_token_id=clip_tok.pad_token_id, **cfg["text_encoder"],
-    ))
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tok), pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id,
-        decoder_start_token_id=t5_tok.pad_token_id, **cfg["text_encoder_2"],
-    ))
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tok),
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+            **cfg["text_encoder"],
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok),
+            pad_token_id=t5_tok.pad_token_id,
+            eos_token_id=t5_tok.eos_token_id,
+            decoder_start_token_id=t5_tok.pad_token_id,
+            **cfg["text_encoder_2"],
+        )
+    )
     vae = AutoencoderKL(**cfg["vae"])
-    return dict(transformer=transformer, text_encoder=clip, text_encoder_2=t5, vae=vae,
-                tokenizer=clip_tok, tokenizer_2=t5_tok)
+    return dict(
+        transformer=transformer, text_encoder=clip, text_encoder_2=t5, vae=vae, tokenizer=clip_tok, tokenizer_2=t5_tok
+    )
 
 
 def save_tiny_flux(spec: FluxSpec, folder: str | Path, seed: int = 0) -> Path:
@@ -78,7 +94,5 @@ def save_tiny_flux(spec: FluxSpec, folder: str | Path, seed: int = 0) -> Path:
     for name, component in build_tiny_flux(spec, seed).items():
         kw = {} if name.startswith("tokenizer") else {"safe_serialization": True}
         component.save_pretrained(folder / name, **kw)
-    (folder / "model_index.json").write_text(
-        '{"_class_name": "FluxPipeline", "_diffusers_version": "0.42.0"}\n'
-    )
+    (folder / "model_index.json").write_text('{"_class_name": "FluxPipeline", "_diffusers_version": "0.42.0"}\n')
     return folder

@@ -25,4 +25,13 @@ def profile_for(family: str, model: str) -> FluxSpec:
     return get_profile(FAMILIES[family]["tiny" if model == "tiny" else "default"])
 
 
-__all__ = ["DDiTError", "FlowShift", "FluxSpec", "PROFILES", "SchedulerDefaults", "Tolerance", "get_profile", "profile_for"]
+__all__ = [
+    "DDiTError",
+    "FlowShift",
+    "FluxSpec",
+    "PROFILES",
+    "SchedulerDefaults",
+    "Tolerance",
+    "get_profile",
+    "profile_for",
+]

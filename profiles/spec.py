@@ -86,7 +86,7 @@ class FluxSpec:
     text_tolerance: Tolerance = Tolerance(atol=1e-4, rtol=1e-3)
     vae_tolerance: Tolerance = Tolerance(atol=1e-4, rtol=1e-3)
     # Random-init component configs for the embedded tiny models (empty for real checkpoints).
-    tiny_configs: dict = field(default_factory=dict)
+    tiny_configs: dict = field(default_factory=dict, compare=False, repr=False)
     family: str = "flux"
     transformer_inputs: tuple[str, ...] = FLUX_TRANSFORMER_INPUTS
     transformer_outputs: tuple[str, ...] = FLUX_TRANSFORMER_OUTPUTS
@@ -182,7 +182,14 @@ class FluxSpec:
             kw["shift"] = FlowShift(**kw["shift"])
             for key in ("transformer_tolerance", "text_tolerance", "vae_tolerance"):
                 kw[key] = Tolerance(**kw[key])
-            for key in ("patch_factors", "min_size", "opt_size", "max_size", "transformer_inputs", "transformer_outputs"):
+            for key in (
+                "patch_factors",
+                "min_size",
+                "opt_size",
+                "max_size",
+                "transformer_inputs",
+                "transformer_outputs",
+            ):
                 kw[key] = tuple(kw[key])
             return cls(**kw)
         except (KeyError, TypeError) as e:

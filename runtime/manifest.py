@@ -13,8 +13,20 @@ FORMAT = "ddit-engines"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FAMILIES = {"flux"}
-REQUIRED = ("format", "format_version", "family", "profile", "sizes", "files", "components", "io", "shapes",
-            "scheduler", "latent", "sigmas")
+REQUIRED = (
+    "format",
+    "format_version",
+    "family",
+    "profile",
+    "sizes",
+    "files",
+    "components",
+    "io",
+    "shapes",
+    "scheduler",
+    "latent",
+    "sigmas",
+)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -65,8 +77,10 @@ def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     if not isinstance(data, dict) or (missing := [k for k in REQUIRED if k not in data]):
         raise _fail(folder, f"has a manifest without {', '.join(missing) if isinstance(data, dict) else 'fields'}")
     if data["format"] != FORMAT or data["format_version"] != FORMAT_VERSION:
-        raise DDiTError(f"engines folder '{folder}' has format {data['format']} v{data['format_version']}, but this "
-                        f"runtime reads {FORMAT} v{FORMAT_VERSION}: re-export it, or use a matching ddit version")
+        raise DDiTError(
+            f"engines folder '{folder}' has format {data['format']} v{data['format_version']}, but this "
+            f"runtime reads {FORMAT} v{FORMAT_VERSION}: re-export it, or use a matching ddit version"
+        )
     if data["family"] not in FAMILIES:
         raise _fail(folder, f"is for unknown family '{data['family']}' (this runtime knows {', '.join(FAMILIES)})")
     spec = FluxSpec.from_dict(data["profile"])
@@ -97,4 +111,3 @@ def _check_files(folder: Path, data: dict, verify: bool) -> None:
             raise _fail(folder, f"has {name} of {path.stat().st_size} bytes, the manifest says {meta.get('bytes')}")
         if verify and sha256_file(path) != meta.get("sha256"):
             raise _fail(folder, f"has {name} with a sha256 that does not match the manifest (corrupt or modified)")
-

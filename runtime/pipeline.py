@@ -43,8 +43,10 @@ class FluxRuntime:
         wanted = self.manifest.sizes if sizes is None else tuple(sizes)
         missing = [k for k in wanted if k not in self.manifest.sizes]
         if missing:
-            raise DDiTError(f"patch sizes {missing} were not exported to '{folder}' (it has "
-                            f"{list(self.manifest.sizes)}): re-export with them or drop them")
+            raise DDiTError(
+                f"patch sizes {missing} were not exported to '{folder}' (it has "
+                f"{list(self.manifest.sizes)}): re-export with them or drop them"
+            )
         self.sizes = wanted
         self.engines = {k: OrtEngine(self.manifest.transformer_path(k), self.device) for k in self.sizes}
         self.text = {name: self._text_component(name) for name in ("text_encoder", "text_encoder_2")}
@@ -52,8 +54,13 @@ class FluxRuntime:
 
     def _text_component(self, name: str):
         meta = self.manifest.component(name)
-        tokenizer = PromptTokenizer(self.manifest.path(meta["tokenizer"]), meta["max_length"], meta["pad_id"],
-                                    meta["pad_token"], "CLIP" if name == "text_encoder" else "T5")
+        tokenizer = PromptTokenizer(
+            self.manifest.path(meta["tokenizer"]),
+            meta["max_length"],
+            meta["pad_id"],
+            meta["pad_token"],
+            "CLIP" if name == "text_encoder" else "T5",
+        )
         return tokenizer, OrtEngine(self.manifest.path(meta["onnx"]), self.device)
 
     def encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,13 +76,27 @@ class FluxRuntime:
         image = self.vae(latent=scaled)[0]
         return ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
-    def generate(self, prompt: str, height: int | None = None, width: int | None = None, steps: int | None = None,
-                 seed: int = 0, guidance: float | None = None, tau: float | None = None, rho: float | None = None,
-                 schedule: list[int] | None = None, progress: bool = True) -> Generation:
+    def generate(
+        self,
+        prompt: str,
+        height: int | None = None,
+        width: int | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        guidance: float | None = None,
+        tau: float | None = None,
+        rho: float | None = None,
+        schedule: list[int] | None = None,
+        progress: bool = True,
+    ) -> Generation:
         """Run the whole pipeline. ``schedule`` fixes the factor per step; None lets the DDiT scheduler choose."""
         spec, defaults = self.spec, self.spec.scheduler
-        height, width = height or spec.opt_size[0], width or spec.opt_size[1]
-        steps, guidance = steps or defaults.steps, defaults.guidance if guidance is None else guidance
+        height = spec.opt_size[0] if height is None else height
+        width = spec.opt_size[1] if width is None else width
+        steps = defaults.steps if steps is None else steps
+        guidance = defaults.guidance if guidance is None else guidance
+        if steps < 1:
+            raise DDiTError(f"--steps must be at least 1, got {steps}")
         tau, rho = defaults.tau if tau is None else tau, defaults.rho if rho is None else rho
         spec.check_resolution(height, width, self.sizes)
         if not 0.0 <= rho <= 1.0:
@@ -84,11 +105,21 @@ class FluxRuntime:
             raise DDiTError(f"the schedule has {len(schedule)} entries for {steps} steps: give one per step")
         started = time.perf_counter()
         t5, pooled = self.encode(prompt)
-        latent, step_ms, used = self._denoise(t5, pooled, height, width, steps, seed, guidance, tau, rho, schedule,
-                                              progress)
+        latent, step_ms, used = self._denoise(
+            t5, pooled, height, width, steps, seed, guidance, tau, rho, schedule, progress
+        )
         image = self.decode(latent)
-        settings = dict(prompt=prompt, seed=seed, steps=steps, height=height, width=width, guidance=guidance,
-                        tau=tau, rho=rho, schedule_mode="auto" if schedule is None else "fixed")
+        settings = dict(
+            prompt=prompt,
+            seed=seed,
+            steps=steps,
+            height=height,
+            width=width,
+            guidance=guidance,
+            tau=tau,
+            rho=rho,
+            schedule_mode="auto" if schedule is None else "fixed",
+        )
         return Generation(image, used, step_ms, time.perf_counter() - started, settings)
 
     def _denoise(self, t5, pooled, height, width, steps, seed, guidance, tau, rho, schedule, progress):
@@ -99,8 +130,13 @@ class FluxRuntime:
         velocity = torch.empty_like(latent)
         sigmas = flux_sigmas(steps, spec.shift.mu(spec.image_seq_len(height, width))).tolist()  # host floats
         timestep = torch.empty(1, device=dev)
-        feeds = {"latent": latent, "timestep": timestep, "guidance": torch.full((1,), float(guidance), device=dev),
-                 "encoder_hidden_states": t5, "pooled_projections": pooled}
+        feeds = {
+            "latent": latent,
+            "timestep": timestep,
+            "guidance": torch.full((1,), float(guidance), device=dev),
+            "encoder_hidden_states": t5,
+            "pooled_projections": pooled,
+        }
         scheduler = PatchScheduler(self.sizes, spec.native_patch, tau, rho, spec.scheduler.warmup)
         if schedule is None:
             scheduler.observe(latent)

@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Sequence
 
 import torch
+
 from ddit_profiles import DDiTError
 
 HISTORY = 4  # latents needed for a third difference

@@ -6,6 +6,7 @@ mu comes from the native image token count, whatever patch size a step runs at.
 import math
 
 import torch
+
 from ddit_profiles import DDiTError
 
 

@@ -24,8 +24,11 @@ class PromptTokenizer:
         encoding = self.tokenizer.encode(prompt)
         if encoding.overflowing:
             kept = self.tokenizer.decode(encoding.ids)
-            print(f"warning: the prompt is longer than {self.name}'s {self.max_length} tokens and was truncated "
-                  f"to: {kept!r}", file=sys.stderr)
+            print(
+                f"warning: the prompt is longer than {self.name}'s {self.max_length} tokens and was truncated "
+                f"to: {kept!r}",
+                file=sys.stderr,
+            )
         return torch.tensor([encoding.ids], dtype=torch.int64)
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from ddit_profiles import DDiTError
 from ddit_runtime.scheduler import (
     PatchScheduler,

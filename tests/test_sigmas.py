@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from ddit_profiles import DDiTError
-from ddit_profiles import FlowShift
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from ddit_profiles import DDiTError, FlowShift
 from ddit_runtime.sigmas import euler_step, flux_sigmas
 
 shift_mu = FlowShift().mu
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 
 @pytest.mark.parametrize("num_steps", [4, 20, 50])

@@ -1,0 +1,178 @@
+"""Exported engines folders: manifest, parity, no float64, trained adapters, from_pretrained, and failure hygiene."""
+
+import json
+
+import onnx
+import pytest
+import torch
+from conftest import random_adapters
+from onnx import TensorProto, helper
+
+from ddit_export import flux_export
+from ddit_export.flux_export import export_flux
+from ddit_export.flux_model import FluxEngine, size_variant
+from ddit_export.loading import load_flux
+from ddit_export.onnx_io import double_tensors, ort_session
+from ddit_export.tiny import save_tiny_flux
+from ddit_profiles import DDiTError
+from ddit_runtime.manifest import load_manifest
+
+
+def _feeds(spec, batch=1, height=128, width=320, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    lh, lw = spec.latent_hw(height, width)
+    return dict(
+        latent=torch.randn(batch, 16, lh, lw, generator=g),
+        timestep=torch.rand(batch, generator=g),
+        guidance=torch.full((batch,), 3.5),
+        encoder_hidden_states=torch.randn(batch, spec.t5_max_length, spec.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(batch, spec.pooled_dim, generator=g),
+    )
+
+
+def _run(path, feeds):
+    return torch.from_numpy(ort_session(path).run(None, {k: v.numpy() for k, v in feeds.items()})[0])
+
+
+def test_manifest_records_checked_components(tiny_engines, tiny_spec):
+    m = load_manifest(tiny_engines, verify=True)
+    assert m.sizes == (1, 2, 4) and m.spec == tiny_spec
+    data = m.data
+    assert data["source"]["adapters_trained"] is False and "untrained" in data["source"]["initialisation"]
+    for k in ("1", "2", "4"):
+        comp = data["components"]["transformer"][k]
+        assert comp["max_abs_error"] <= tiny_spec.transformer_tolerance.bound(1.0)
+        assert (tiny_engines / comp["onnx"]).name in data["files"]
+    for name in ("text_encoder", "text_encoder_2", "vae_decoder"):
+        assert data["components"][name]["max_abs_error"] < 1e-3
+    assert data["shapes"]["multiple"] == 64 and data["latent"]["scaling_factor"] == tiny_spec.vae_scaling_factor
+    assert set(data["io"]["transformer"]["inputs"]) == set(tiny_spec.transformer_inputs)
+
+
+def test_transformer_graphs_share_one_dynamic_io_contract(tiny_engines):
+    signatures = []
+    for k in (1, 2, 4):
+        model = onnx.load(str(tiny_engines / f"transformer_k{k}.onnx"), load_external_data=False)
+        sig = [
+            (v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim))
+            for v in list(model.graph.input) + list(model.graph.output)
+        ]
+        latent = model.graph.input[0].type.tensor_type.shape.dim
+        assert latent[0].dim_param and latent[2].dim_param and latent[3].dim_param  # batch, H, W are dynamic
+        assert latent[1].dim_value == 16
+        signatures.append(sig)
+    assert signatures[0] == signatures[1] == signatures[2]
+    assert [s[0] for s in signatures[0]] == [
+        "latent",
+        "timestep",
+        "guidance",
+        "encoder_hidden_states",
+        "pooled_projections",
+        "velocity",
+    ]
+
+
+def test_no_float64_anywhere(tiny_engines):
+    graphs = sorted(tiny_engines.glob("*.onnx"))
+    assert len(graphs) == 6
+    for path in graphs:
+        assert double_tensors(path) == [], path.name
+
+
+def test_float64_check_can_fail(tmp_path):
+    node = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.DOUBLE)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [1])],
+    )
+    onnx.save(helper.make_model(graph), str(tmp_path / "d.onnx"))
+    assert len(double_tensors(tmp_path / "d.onnx")) >= 2  # the output and the Cast
+
+
+def test_graph_runs_at_shapes_it_was_not_traced_at(tiny_engines, tiny_spec, tiny_parts):
+    """Batch 3 at 384x192 on every size: ONNX Runtime against the torch engine."""
+    feeds = _feeds(tiny_spec, batch=3, height=384, width=192)
+    transformer = tiny_parts["transformer"]
+    from ddit_export.adapters import untrained_adapters
+
+    adapters = untrained_adapters(transformer, tiny_spec, [1, 2, 4])
+    for k in (1, 2, 4):
+        with torch.no_grad(), size_variant(transformer, adapters, k) as adapter:
+            ref = FluxEngine(transformer, tiny_spec, k, adapter)(*feeds.values())
+        got = _run(tiny_engines / f"transformer_k{k}.onnx", feeds)
+        assert (got - ref).abs().max() < tiny_spec.transformer_tolerance.bound(ref.abs().max().item())
+
+
+def test_trained_adapters_export_matches_unmerged_student(tmp_path, tiny_spec, tiny_parts, tiny_engines):
+    transformer = tiny_parts["transformer"]
+    adapters = random_adapters(transformer, tiny_spec, [1, 2], rank=4, seed=1)
+    adapters.save(tmp_path / "adapters.safetensors")
+    out = tmp_path / "engines"
+    manifest = export_flux(
+        "tiny", tiny_spec, [1, 2], out, adapters_path=str(tmp_path / "adapters.safetensors"), progress=False
+    )
+    assert manifest["source"]["adapters_trained"] is True and manifest["sizes"] == [1, 2]
+    feeds = _feeds(tiny_spec, batch=2)
+    with torch.no_grad(), size_variant(transformer, adapters, 2, merge_lora=False) as adapter:
+        student = FluxEngine(transformer, tiny_spec, 2, adapter)(*feeds.values())
+    got = _run(out / "transformer_k2.onnx", feeds)
+    assert (got - student).abs().max() < tiny_spec.transformer_tolerance.bound(student.abs().max().item())
+    untrained = _run(tiny_engines / "transformer_k2.onnx", feeds)
+    assert (got - untrained).abs().max() > 1e-3  # the adapters are really in the graph
+    # the native engine stays the untouched base whatever the adapters hold
+    torch.testing.assert_close(
+        _run(out / "transformer_k1.onnx", feeds),
+        _run(tiny_engines / "transformer_k1.onnx", feeds),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_export_from_a_local_diffusers_folder(tmp_path, tiny_spec, tiny_engines):
+    folder = save_tiny_flux(tiny_spec, tmp_path / "tiny-flux")
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    out = tmp_path / "engines"
+    export_flux(str(folder), tiny_spec, [1], out, progress=False)
+    feeds = _feeds(tiny_spec)
+    torch.testing.assert_close(
+        _run(out / "transformer_k1.onnx", feeds),
+        _run(tiny_engines / "transformer_k1.onnx", feeds),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    assert json.loads((out / "manifest.json").read_text())["source"]["model"] == str(folder)
+
+
+def test_failed_export_leaves_no_folder_and_keeps_the_old_one(tmp_path, tiny_spec, monkeypatch):
+    def boom(*args, **kwargs):
+        raise DDiTError("simulated failure in the VAE export")
+
+    monkeypatch.setattr(flux_export, "_export_vae", boom)
+    out = tmp_path / "engines"
+    with pytest.raises(DDiTError, match="simulated"):
+        export_flux("tiny", tiny_spec, [1], out, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    out.mkdir()
+    (out / "keep.txt").write_text("old export")
+    with pytest.raises(DDiTError, match="simulated"):
+        export_flux("tiny", tiny_spec, [1], out, force=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
+    assert (out / "keep.txt").read_text() == "old export"
+
+
+def test_hub_id_not_in_offline_cache_is_one_line_error(tmp_path, tiny_spec, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(DDiTError) as err:
+        load_flux("some-org/not-cached", tiny_spec)
+    assert "HF_HUB_OFFLINE" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_checkpoint_that_does_not_match_the_profile_is_refused(tmp_path):
+    from ddit_profiles import get_profile
+
+    folder = save_tiny_flux(get_profile("flux-tiny"), tmp_path / "tiny")
+    with pytest.raises(DDiTError, match="joint_attention_dim is 64, expected 4096"):
+        load_flux(str(folder), get_profile("flux"))
