@@ -187,5 +187,112 @@ def run_main(
         )
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("family", metavar="FAMILY")
+@click.option("--model", default="tiny", show_default=True, help="'tiny', a local diffusers folder, or a hub id.")
+@click.option("--profile", "profile_name", default=None, help="Profile override (as for ddit-export).")
+@click.option("--sizes", default="2,4", show_default=True, help="Coarse patch factors to train (not 1: the base).")
+@click.option(
+    "-o",
+    "--output",
+    default="adapters",
+    show_default=True,
+    help="Folder for adapters.safetensors, adapters.json, the checkpoint and the latent cache.",
+)
+@click.option(
+    "--prompts",
+    default=None,
+    metavar="FILE",
+    help="One prompt per line; the base model generates the training latents (cached). For --model tiny "
+    "without data, built-in procedural captions are used.",
+)
+@click.option("--images", default=None, metavar="DIR", help="Images (name.txt beside name.png is the caption).")
+@click.option(
+    "--builtin-prompts",
+    type=int,
+    default=64,
+    show_default=True,
+    help="How many built-in captions a --model tiny run without --prompts/--images generates from.",
+)
+@click.option("--steps", type=int, default=200, show_default=True, help="Optimiser steps per size.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--rank", type=int, default=32, show_default=True, help="LoRA rank on every feed-forward layer.")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha (scale = alpha / rank; default = rank).")
+@click.option(
+    "--optimizer",
+    type=click.Choice(["prodigy", "adamw"]),
+    default="prodigy",
+    show_default=True,
+    help="Prodigy (lr 1.0) as the paper does for FLUX; AdamW (lr 1e-4) as for Wan.",
+)
+@click.option("--lr", type=float, default=None, help="Learning rate (default: 1.0 prodigy, 1e-4 adamw).")
+@click.option("--height", type=int, default=None, help="Training resolution (default: the profile's opt size).")
+@click.option("--width", type=int, default=None)
+@click.option(
+    "--gen-steps",
+    type=int,
+    default=None,
+    help="Sampling steps when generating latents; also the sigma grid t is drawn from (default: the profile's).",
+)
+@click.option(
+    "--t-weighting",
+    type=click.Choice(["uniform", "high-noise", "low-noise"]),
+    default="uniform",
+    show_default=True,
+    help="How t is drawn from the sigma schedule.",
+)
+@click.option("--checkpoint-every", type=int, default=50, show_default=True, help="Steps between checkpoints.")
+@click.option("--holdout", type=float, default=0.1, show_default=True, help="Fraction of latents held out for eval.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory.")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="bf16 autocast is used on CUDA.",
+)
+@click.option(
+    "--eval",
+    "eval_only",
+    is_flag=True,
+    help="Evaluate the adapters already in the output folder (init vs trained) instead of training.",
+)
+@click.option("--force", is_flag=True, help="Discard a previous result and checkpoint in the output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_one_line_errors
+def train_main(family, model, profile_name, sizes, output, eval_only, force, quiet, **opts):
+    """Distil DDiT adapters (patch embed/de-embed, size embedding, residual, LoRA) from the frozen base model.
+
+    A rerun of the same command resumes from the last checkpoint. The held-out student-vs-teacher error of the
+    PI-resize initialisation and of the trained adapters is printed and stored in adapters.json.
+
+    \b
+    Example:
+      ddit-train flux --model tiny --sizes 2,4 --steps 200 -o adapters/
+      ddit-export flux --adapters adapters/adapters.safetensors -o engines/
+    """
+    from ddit_profiles import get_profile, profile_for
+
+    spec = get_profile(profile_name) if profile_name else profile_for(family, model)
+    if spec.family != family:
+        raise DDiTError(f"profile '{spec.name}' is for family '{spec.family}', not '{family}'")
+    from pathlib import Path
+
+    from ddit_export.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(model=model, sizes=tuple(_parse_sizes(sizes)), output=Path(output), **opts)
+    trainer = Trainer(cfg, spec, progress=not quiet, force=force and not eval_only)
+    if eval_only:
+        result = trainer.evaluate_existing()
+    else:
+        report = trainer.run()
+        result = report["eval"]
+        click.echo(f"wrote {report['adapters']}", err=True)
+    click.echo("held-out velocity MSE vs the teacher (lower is better):", err=True)
+    for k, row in result.items():
+        click.echo(f"  size {k}: PI-resize init {row['init']:.4g} -> trained {row['trained']:.4g}", err=True)
+
+
 if __name__ == "__main__":
     export_main()

@@ -92,24 +92,26 @@ def _replace(model, name: str, module: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def applied_lora(transformer, adapters: DDiTAdapters, factor: int, merge: bool = True):
+def applied_lora(transformer, adapters: DDiTAdapters, factor: int, merge: bool = True, trainable: bool = False):
     """Inject size ``factor``'s LoRA with peft and load its weights; with ``merge``, fold it in (W += s * B @ A)
     and leave plain Linears behind, as the exported graph needs. Unmerged is the trainer's and the reference's view.
 
+    ``trainable`` injects even with no saved weights (peft's init: B = 0), leaves the LoRA parameters trainable,
+    and writes their final values back into ``adapters.lora[factor]`` on exit.
     On exit the merge is undone and the peft wrappers are removed, so the base serves the next size.
     """
     state = adapters.lora.get(factor) or {}
-    if not state:
+    if not state and not trainable:
         yield
         return
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
     name = f"ddit_size{factor}"
     inject_adapter_in_model(lora_config(transformer, adapters.rank, adapters.alpha), transformer, adapter_name=name)
     layers = _lora_layers(transformer)
     try:
         try:
-            result = set_peft_model_state_dict(transformer, state, adapter_name=name)
+            result = set_peft_model_state_dict(transformer, state, adapter_name=name) if state else None
         except RuntimeError as e:
             raise DDiTError(
                 f"adapters LoRA for size {factor} does not fit the model: {str(e).splitlines()[0]}"
@@ -121,8 +123,14 @@ def applied_lora(transformer, adapters: DDiTAdapters, factor: int, merge: bool =
             for lname, layer in layers:
                 layer.merge(adapter_names=[name])
                 _replace(transformer, lname, layer.get_base_layer())
+        for pname, param in transformer.named_parameters():
+            if "lora_" in pname:
+                param.requires_grad_(trainable)
         yield
     finally:
+        if trainable:
+            saved = get_peft_model_state_dict(transformer, adapter_name=name)
+            adapters.lora[factor] = {k: v.detach().clone() for k, v in saved.items()}
         for lname, layer in layers:
             _replace(transformer, lname, layer)
             if layer.merged:
@@ -136,11 +144,14 @@ def applied_lora(transformer, adapters: DDiTAdapters, factor: int, merge: bool =
 
 
 @contextlib.contextmanager
-def size_variant(transformer, adapters: DDiTAdapters | None, factor: int, merge_lora: bool = True):
+def size_variant(
+    transformer, adapters: DDiTAdapters | None, factor: int, merge_lora: bool = True, trainable: bool = False
+):
     """Swap size ``factor``'s embedding/de-embedding and a float32 RoPE into ``transformer``; restore on exit.
 
     Factor 1 only swaps the RoPE (numerically the base's, without float64). ``merge_lora=False`` keeps the LoRA
-    as a separate peft branch (the student as trained). Yields the ``SizeAdapter`` or None.
+    as a separate peft branch (the student as trained); ``trainable`` is the trainer's view (see ``applied_lora``).
+    Yields the ``SizeAdapter`` or None.
     """
     saved = dict(x_embedder=transformer.x_embedder, proj_out=transformer.proj_out, pos_embed=transformer.pos_embed)
     transformer.pos_embed = Float32FluxPosEmbed(saved["pos_embed"].theta, saved["pos_embed"].axes_dim)
@@ -150,7 +161,7 @@ def size_variant(transformer, adapters: DDiTAdapters | None, factor: int, merge_
             yield None
             return
         transformer.x_embedder, transformer.proj_out = adapter.embed, adapter.unembed
-        with applied_lora(transformer, adapters, factor, merge=merge_lora):
+        with applied_lora(transformer, adapters, factor, merge=merge_lora and not trainable, trainable=trainable):
             yield adapter
     finally:
         for key, module in saved.items():

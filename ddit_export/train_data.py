@@ -1,0 +1,184 @@
+"""Training data for the adapters: clean latents with their text embeddings, cached as safetensors shards.
+
+(a) ``--prompts FILE``: the base model generates the latents itself (the paper's approach).
+(b) ``--images DIR``: images encoded by the VAE; a ``name.txt`` beside ``name.png`` is its caption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ddit_profiles import DDiTError, FluxSpec
+from ddit_runtime.manifest import sha256_file
+from ddit_runtime.sigmas import flux_sigmas
+
+from .flux_model import FluxEngine, size_variant
+from .tiny import CAPTION_WORDS
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+SHARD = 64  # samples per cache shard
+
+
+def builtin_captions(count: int, seed: int = 0) -> list[str]:
+    """Procedural captions over the tiny vocabulary, for ``--model tiny`` runs without a prompt file."""
+    colours = [w for w in CAPTION_WORDS if w in {"red", "green", "blue", "yellow", "orange", "purple", "white"}]
+    shapes = ["circle", "square", "triangle", "stripes", "ring", "star", "dots"]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        size = rng.choice(["", "small ", "large "])
+        fg, bg = rng.sample(colours + ["black", "gray"], 2)
+        out.append(f"a {size}{fg} {rng.choice(shapes)} on a {bg} background")
+    return out
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise DDiTError(f"prompt file '{path}' does not exist: give a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    prompts = [p for p in prompts if p]
+    if len(prompts) < 2:
+        raise DDiTError(f"prompt file '{path}' has {len(prompts)} prompts: give at least 2 (one per line)")
+    return prompts
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DDiTError(f"image folder '{folder}' does not exist")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(images) < 2:
+        raise DDiTError(f"image folder '{folder}' has {len(images)} images ({', '.join(IMAGE_SUFFIXES)}): need 2+")
+    return images
+
+
+@torch.no_grad()
+def encode_prompts(parts: dict, spec: FluxSpec, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompts -> (T5 states [N, T, D], pooled CLIP [N, P]), tokenised as diffusers' FluxPipeline does."""
+    tok = parts["tokenizer"](
+        prompts, padding="max_length", max_length=spec.clip_max_length, truncation=True, return_tensors="pt"
+    )
+    tok2 = parts["tokenizer_2"](
+        prompts, padding="max_length", max_length=spec.t5_max_length, truncation=True, return_tensors="pt"
+    )
+    pooled = parts["text_encoder"].to(device)(input_ids=tok.input_ids.to(device)).pooler_output
+    t5 = parts["text_encoder_2"].to(device)(input_ids=tok2.input_ids.to(device)).last_hidden_state
+    return t5.float().cpu(), pooled.float().cpu()
+
+
+@torch.no_grad()
+def generate_latents(
+    parts, spec: FluxSpec, t5, pooled, height: int, width: int, steps: int, seed: int, device, progress: bool
+) -> torch.Tensor:
+    """The base model's own samples: native-size flow-matching Euler from seeded noise -> latents [N, 16, h, w]."""
+    transformer = parts["transformer"].to(device)
+    lh, lw = spec.latent_hw(height, width)
+    sigmas = flux_sigmas(steps, spec.shift.mu(spec.image_seq_len(height, width))).tolist()
+    out = []
+    with size_variant(transformer, None, 1):
+        engine = FluxEngine(transformer, spec, 1)
+        for i in tqdm(range(t5.shape[0]), desc="generate latents", unit="sample", disable=not progress):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            z = torch.randn(1, spec.latent_channels, lh, lw, generator=gen).to(device)
+            guidance = torch.full((1,), spec.scheduler.guidance, device=device)
+            for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+                v = engine(
+                    z,
+                    torch.full((1,), s, device=device),
+                    guidance,
+                    t5[i : i + 1].to(device),
+                    pooled[i : i + 1].to(device),
+                )
+                z = z + (s_next - s) * v
+            out.append(z.float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_images(parts, spec: FluxSpec, images: list[Path], height: int, width: int, device) -> torch.Tensor:
+    """Images -> scaled latents [N, 16, h, w] (resize and centre-crop to height x width, VAE mean)."""
+    from PIL import Image
+
+    vae = parts["vae"].to(device)
+    out = []
+    for path in images:
+        try:
+            img = Image.open(path).convert("RGB")
+        except OSError as e:
+            raise DDiTError(f"cannot read image '{path}' ({e})") from None
+        scale = max(width / img.width, height / img.height)
+        img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))))
+        left, top = (img.width - width) // 2, (img.height - height) // 2
+        img = img.crop((left, top, left + width, top + height))
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
+        x = (x.permute(2, 0, 1).float() / 127.5 - 1.0)[None].to(device)
+        latent = vae.encode(x).latent_dist.mean
+        out.append(((latent - spec.vae_shift_factor) * spec.vae_scaling_factor).float().cpu())
+    return torch.cat(out)
+
+
+def image_captions(images: list[Path]) -> list[str]:
+    return [p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else "" for p in images]
+
+
+def _fingerprint(kind: str, items: list[str], settings: dict) -> str:
+    digest = hashlib.sha256(json.dumps([kind, items, settings], sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def load_or_build(
+    cache: Path,
+    parts,
+    spec: FluxSpec,
+    source: dict,
+    height: int,
+    width: int,
+    gen_steps: int,
+    seed: int,
+    device,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    """{'latent': [N,16,h,w], 't5': [N,T,D], 'pooled': [N,P]}: read from ``cache`` when it was built for the same
+    data and settings, else built and written there (shard by shard, each atomically)."""
+    if source["kind"] == "images":
+        images = source["images"]
+        items = [f"{p.name}:{sha256_file(p)}" for p in images]
+    else:
+        items = source["prompts"]
+    settings = dict(height=height, width=width, gen_steps=gen_steps, seed=seed, model=source["model_signature"])
+    key = _fingerprint(source["kind"], items, settings)
+    index = cache / f"{key}.json"
+    if index.is_file():
+        shards = json.loads(index.read_text())["shards"]
+        if all((cache / s).is_file() for s in shards):
+            parts_ = [load_file(str(cache / s)) for s in shards]
+            return {k: torch.cat([p[k] for p in parts_]) for k in ("latent", "t5", "pooled")}
+    cache.mkdir(parents=True, exist_ok=True)
+    prompts = image_captions(images) if source["kind"] == "images" else items
+    t5, pooled = encode_prompts(parts, spec, prompts, device)
+    if source["kind"] == "images":
+        latent = encode_images(parts, spec, images, height, width, device)
+    else:
+        latent = generate_latents(parts, spec, t5, pooled, height, width, gen_steps, seed, device, progress)
+    shards = []
+    for n, start in enumerate(range(0, latent.shape[0], SHARD)):
+        name = f"{key}-{n:05d}.safetensors"
+        tmp = cache / f".{name}.partial"
+        chunk = {
+            "latent": latent[start : start + SHARD],
+            "t5": t5[start : start + SHARD],
+            "pooled": pooled[start : start + SHARD],
+        }
+        save_file({k: v.contiguous() for k, v in chunk.items()}, str(tmp))
+        tmp.replace(cache / name)
+        shards.append(name)
+    index.write_text(json.dumps({"shards": shards, "settings": settings, "count": latent.shape[0]}, indent=1))
+    return {"latent": latent, "t5": t5, "pooled": pooled}
