@@ -63,15 +63,15 @@ def _parse_sizes(text: str) -> list[int]:
     "--adapters",
     default=None,
     metavar="FILE",
-    help="DDiT adapters (.safetensors from ddit-train). Without it the coarse engines use the untrained "
-    "PI-resize initialisation, and the manifest says so.",
+    help="DDiT adapters (.safetensors from ddit-train); 'none' for the untrained PI-resize initialisation. "
+    "Default: the shipped trained adapters for --model tiny, else none. The manifest says which.",
 )
 @click.option("-o", "--output", default="engines", show_default=True, help="Engines folder to create.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists (only once the export succeeded).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_one_line_errors
 def export_main(family, sizes, model, profile_name, adapters, output, force, quiet):
-    """Export FAMILY (flux) to one ONNX graph per patch size, plus text encoders, VAE decoder and tokenizers.
+    """Export FAMILY (flux or wan) to one ONNX graph per patch size, plus text encoders, VAE decoder, tokenizers.
 
     Every graph is checked against torch with ONNX Runtime before the folder is renamed into place.
 
@@ -85,9 +85,12 @@ def export_main(family, sizes, model, profile_name, adapters, output, force, qui
     if spec.family != family:
         raise DDiTError(f"profile '{spec.name}' is for family '{spec.family}', not '{family}'")
     factors = spec.check_factors(_parse_sizes(sizes))
-    from ddit_export.flux_export import export_flux  # heavy imports only once the arguments are sound
+    if family == "wan":  # heavy imports only once the arguments are sound
+        from ddit_export.wan_export import export_wan as export
+    else:
+        from ddit_export.flux_export import export_flux as export
 
-    manifest = export_flux(model, spec, factors, output, adapters_path=adapters, force=force, progress=not quiet)
+    manifest = export(model, spec, factors, output, adapters_path=adapters, force=force, progress=not quiet)
     errs = {f"k={k}": c["max_abs_error"] for k, c in manifest["components"]["transformer"].items()}
     click.echo(
         f"wrote {output}: sizes {manifest['sizes']}, {manifest['source']['initialisation']}; "
@@ -99,12 +102,12 @@ def export_main(family, sizes, model, profile_name, adapters, output, force, qui
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("engines", metavar="ENGINES_DIR")
 @click.option("--prompt", required=True, help="Text prompt.")
-@click.option("-o", "--output", default="ddit.png", show_default=True, help="PNG to write.")
+@click.option("-o", "--output", default=None, help="PNG (FLUX) or MP4 (Wan) to write [default: ddit.png / ddit.mp4].")
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the manifest's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
-@click.option("--height", type=int, default=None, help="Image height in pixels (default: the profile's opt size).")
-@click.option("--width", type=int, default=None, help="Image width in pixels (default: the profile's opt size).")
-@click.option("--guidance", type=float, default=None, help="Embedded guidance scale (default: the manifest's).")
+@click.option("--height", type=int, default=None, help="Height in pixels (default: the profile's opt size).")
+@click.option("--width", type=int, default=None, help="Width in pixels (default: the profile's opt size).")
+@click.option("--guidance", type=float, default=None, help="FLUX: embedded guidance (default: the manifest's).")
 @click.option(
     "--tau",
     type=float,
@@ -120,6 +123,18 @@ def export_main(family, sizes, model, profile_name, adapters, output, force, qui
     help="'auto' (DDiT decides per step), a fixed factor such as 1 (the native baseline), or one factor "
     "per step such as 1,1,1,4,4,2,...",
 )
+@click.option("--frames", type=int, default=None, help="Wan: video frames, 4n+1 (default: the profile's).")
+@click.option("--negative-prompt", default=None, help="Wan: negative prompt for classifier-free guidance.")
+@click.option("--guidance-scale", type=float, default=None, help="Wan: classifier-free guidance scale (1 = off).")
+@click.option(
+    "--cfg",
+    type=click.Choice(["batched", "two-pass"]),
+    default="batched",
+    show_default=True,
+    help="Wan: run the conditional and unconditional passes as one batch of 2, or as two calls.",
+)
+@click.option("--frames-dir", default=None, help="Wan: write PNG frames into this folder instead of an MP4.")
+@click.option("--fps", type=int, default=16, show_default=True, help="Wan: MP4 frame rate.")
 @click.option(
     "--provider",
     type=click.Choice(["auto", "cpu", "cuda"]),
@@ -130,38 +145,65 @@ def export_main(family, sizes, model, profile_name, adapters, output, force, qui
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine files (sizes are still checked).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the schedule and timings on stdout.")
 @_one_line_errors
-def run_main(
-    engines, prompt, output, steps, seed, height, width, guidance, tau, rho, schedule, provider, no_verify, as_json
-):
-    """Generate an image from ENGINES_DIR (made by ddit-export), switching patch-size engines per step.
+def run_main(engines, prompt, output, steps, schedule, provider, no_verify, as_json, **opts):
+    """Generate from ENGINES_DIR (made by ddit-export), switching patch-size engines per step.
+
+    FLUX engines write a PNG; Wan engines write an MP4 (or PNG frames with --frames-dir).
 
     \b
     Example:
       ddit-run engines/ --prompt "a red circle on a black background" -o out.png
     """
-    from ddit_runtime.image import check_png_path, save_png
-    from ddit_runtime.pipeline import FluxRuntime
+    from ddit_runtime.manifest import peek_family
     from ddit_runtime.scheduler import parse_schedule
     from ddit_runtime.text import check_prompt
 
     check_prompt(prompt)
-    check_png_path(output)
-    runtime = FluxRuntime(engines, provider=provider, verify=not no_verify)
+    family = peek_family(engines)
+    if family == "wan":
+        runtime, result, path = _run_wan(engines, prompt, output, steps, schedule, provider, no_verify, as_json, opts)
+    else:
+        wan_only = [k for k in ("frames", "negative_prompt", "guidance_scale", "frames_dir") if opts[k] is not None]
+        if wan_only:
+            raise DDiTError(f"--{wan_only[0].replace('_', '-')} applies to Wan engines; '{engines}' holds FLUX ones")
+        from ddit_runtime.image import check_png_path, save_png
+        from ddit_runtime.pipeline import FluxRuntime
+
+        output = check_png_path(output or "ddit.png")
+        runtime = FluxRuntime(engines, provider=provider, verify=not no_verify)
+        steps = runtime.spec.scheduler.steps if steps is None else steps
+        fixed = parse_schedule(schedule, steps, runtime.sizes)
+        keys = ("seed", "height", "width", "guidance", "tau", "rho")
+        result = runtime.generate(
+            prompt, steps=steps, schedule=fixed, progress=not as_json, **{k: opts[k] for k in keys}
+        )
+        path = save_png(result.image, output, result.settings, result.schedule)
+    _report(runtime, result, path, as_json)
+
+
+def _run_wan(engines, prompt, output, steps, schedule, provider, no_verify, as_json, opts):
+    from ddit_runtime.scheduler import parse_schedule
+    from ddit_runtime.video import check_video_path, save_frames, save_mp4
+    from ddit_runtime.wan_pipeline import WanRuntime
+
+    if opts["guidance"] is not None:
+        raise DDiTError("--guidance is FLUX's embedded guidance: use --guidance-scale for Wan engines")
+    if opts["frames_dir"] is None:
+        output = check_video_path(output or "ddit.mp4")
+    runtime = WanRuntime(engines, provider=provider, verify=not no_verify)
     steps = runtime.spec.scheduler.steps if steps is None else steps
     fixed = parse_schedule(schedule, steps, runtime.sizes)
-    result = runtime.generate(
-        prompt,
-        height=height,
-        width=width,
-        steps=steps,
-        seed=seed,
-        guidance=guidance,
-        tau=tau,
-        rho=rho,
-        schedule=fixed,
-        progress=not as_json,
-    )
-    path = save_png(result.image, output, result.settings, result.schedule)
+    keys = ("negative_prompt", "frames", "height", "width", "seed", "guidance_scale", "tau", "rho", "cfg")
+    result = runtime.generate(prompt, steps=steps, schedule=fixed, progress=not as_json, **{k: opts[k] for k in keys})
+    settings = dict(result.settings, schedule=result.schedule)
+    if opts["frames_dir"] is not None:
+        path = save_frames(result.image, opts["frames_dir"], settings)
+    else:
+        path = save_mp4(result.image, output, settings, fps=opts["fps"])
+    return runtime, result, path
+
+
+def _report(runtime, result, path, as_json: bool) -> None:
     coarse = sum(k > 1 for k in result.schedule) / len(result.schedule)
     if as_json:
         click.echo(
@@ -179,10 +221,10 @@ def run_main(
             )
         )
     else:
+        s = result.settings
         click.echo(
-            f"wrote {path} ({result.settings['height']}x{result.settings['width']}, {steps} steps, "
-            f"{result.total_s:.2f} s); schedule {''.join(map(str, result.schedule))}, "
-            f"{coarse:.0%} of steps coarse",
+            f"wrote {path} ({s['height']}x{s['width']}, {s['steps']} steps, {result.total_s:.2f} s); "
+            f"schedule {''.join(map(str, result.schedule))}, {coarse:.0%} of steps coarse",
             err=True,
         )
 
@@ -292,6 +334,33 @@ def train_main(family, model, profile_name, sizes, output, eval_only, force, qui
     click.echo("held-out velocity MSE vs the teacher (lower is better):", err=True)
     for k, row in result.items():
         click.echo(f"  size {k}: PI-resize init {row['init']:.4g} -> trained {row['trained']:.4g}", err=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("family", metavar="FAMILY")
+@click.option("-o", "--output", default="build/tiny-flux", show_default=True, help="Working folder of the recipe.")
+@click.option("--smoke", is_flag=True, help="A few steps per stage (about two minutes): checks the recipe runs.")
+@click.option("--install", is_flag=True, help="Copy the result into the package: what --model tiny then loads.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_one_line_errors
+def recipe_main(family, output, smoke, install, seed, quiet):
+    """Rebuild the embedded tiny FAMILY model from nothing, with fixed seeds (flux: about 90 minutes on 2 cores).
+
+    Stages: tokenizers, frozen text encoders, VAE, latents, transformer (flow matching), DDiT adapters. A stage
+    whose output exists in the working folder is skipped, so an interrupted recipe resumes where it stopped.
+    """
+    from pathlib import Path
+
+    from ddit_profiles import profile_for
+
+    spec = profile_for(family, "tiny")
+    from ddit_export.recipe import Recipe, RecipeSteps
+
+    recipe = Recipe(spec, Path(output), RecipeSteps.smoke() if smoke else RecipeSteps(), seed, progress=not quiet)
+    recipe.run()
+    if install:
+        click.echo(f"installed into {recipe.install()}", err=True)
 
 
 if __name__ == "__main__":

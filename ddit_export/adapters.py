@@ -90,6 +90,8 @@ class SizeAdapter(nn.Module):
 
 def lora_targets(transformer) -> list[str]:
     """Full names of every block's feed-forward linears (a bare 'proj_out' would also hit the final layer)."""
+    if hasattr(transformer, "blocks"):  # Wan: blocks.{i}.ffn is a diffusers FeedForward
+        return [f"blocks.{i}.ffn.{lin}" for i in range(len(transformer.blocks)) for lin in ("net.0.proj", "net.2")]
     names = []
     for i in range(len(transformer.transformer_blocks)):
         for ff in ("ff", "ff_context"):
@@ -140,13 +142,26 @@ class DDiTAdapters:
 def model_signature(transformer, spec: FluxSpec) -> dict:
     """What an adapters file must agree with: family and the transformer's shape-defining config."""
     c = transformer.config
-    return dict(
-        family=spec.family,
-        inner_dim=transformer.inner_dim,
-        num_layers=c.num_layers,
-        num_single_layers=c.num_single_layers,
-        in_channels=c.in_channels,
-    )
+    sig = dict(family=spec.family, inner_dim=inner_dim(transformer), num_layers=c.num_layers)
+    if getattr(c, "num_single_layers", None) is not None:  # FLUX
+        sig["num_single_layers"] = c.num_single_layers
+    return dict(sig, in_channels=c.in_channels)
+
+
+def inner_dim(transformer) -> int:
+    """The transformer's token width (FLUX has ``inner_dim``; Wan's is heads x head_dim)."""
+    if hasattr(transformer, "inner_dim"):
+        return transformer.inner_dim
+    return transformer.config.num_attention_heads * transformer.config.attention_head_dim
+
+
+def size_adapter_class(spec):
+    """The per-size adapter module of ``spec``'s family: ``SizeAdapter`` (FLUX) or ``WanSizeAdapter``."""
+    if spec.family == "wan":
+        from .wan_model import WanSizeAdapter
+
+        return WanSizeAdapter
+    return SizeAdapter
 
 
 def load_adapters(path: str | Path, transformer, spec: FluxSpec, factors: list[int]) -> DDiTAdapters:
@@ -177,7 +192,7 @@ def load_adapters(path: str | Path, transformer, spec: FluxSpec, factors: list[i
     rank, alpha = int(meta["rank"]), float(meta["alpha"])
     sizes, lora = {}, {}
     for k in [k for k in factors if k > 1]:
-        adapter = SizeAdapter(spec, k, transformer.inner_dim)
+        adapter = size_adapter_class(spec)(spec, k, inner_dim(transformer))
         prefix, lora_prefix = f"size{k}.", f"size{k}.lora."
         own = {
             n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix) and not n.startswith(lora_prefix)
@@ -195,7 +210,8 @@ def load_adapters(path: str | Path, transformer, spec: FluxSpec, factors: list[i
 
 def untrained_adapters(transformer, spec: FluxSpec, factors: list[int], rank: int = 32) -> DDiTAdapters:
     """PI-resize/bilinear initialisation with no LoRA (B = 0 in peft's init, so it would be a no-op)."""
-    sizes = {k: SizeAdapter.from_base(transformer, spec, k).eval().requires_grad_(False) for k in factors if k > 1}
+    cls = size_adapter_class(spec)
+    sizes = {k: cls.from_base(transformer, spec, k).eval().requires_grad_(False) for k in factors if k > 1}
     return DDiTAdapters(
         sizes, {k: {} for k in sizes}, rank, float(rank), dict(model_signature(transformer, spec), trained="false")
     )

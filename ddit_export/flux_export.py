@@ -13,12 +13,14 @@ from torch.export import Dim
 from tqdm.auto import tqdm
 
 from ddit_profiles import DDiTError, FluxSpec
+from ddit_runtime.manifest import sha256_file
 
 from .adapters import load_adapters, untrained_adapters
 from .flux_model import FluxEngine, size_variant
 from .loading import load_flux
 from .manifest import staging_folder, write_manifest
 from .onnx_io import check_parity, double_tensors, export_onnx
+from .tiny import shipped_adapters
 
 
 class ClipPooled(nn.Module):
@@ -174,6 +176,10 @@ def export_flux(
     started = time.time()
     parts = load_flux(model, spec)
     transformer = parts["transformer"]
+    if adapters_path is None and model == "tiny":
+        adapters_path = shipped_adapters(spec.family)  # the embedded model ships its trained adapters
+    if adapters_path == "none":
+        adapters_path = None
     if adapters_path:
         adapters = load_adapters(adapters_path, transformer, spec, list(factors))
         trained = adapters.meta.get("trained", "true") == "true"
@@ -198,7 +204,8 @@ def export_flux(
             raise DDiTError(f"{name} contains float64 tensors ({', '.join(found[:3])}); TensorRT cannot run it")
         source = dict(
             model=model,
-            adapters=str(adapters_path) if adapters_path else None,
+            adapters=Path(adapters_path).name if adapters_path else None,
+            adapters_sha256=sha256_file(Path(adapters_path)) if adapters_path else None,
             adapters_trained=trained,
             initialisation="trained adapters"
             if trained

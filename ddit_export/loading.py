@@ -9,7 +9,7 @@ import torch
 
 from ddit_profiles import DDiTError, FluxSpec
 
-from .tiny import build_tiny_flux
+from .tiny import build_tiny_flux, shipped_model
 
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae", "tokenizer", "tokenizer_2")
 
@@ -17,7 +17,8 @@ COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae", "tokenizer
 def load_flux(model: str, spec: FluxSpec) -> dict:
     """Components keyed as in a FluxPipeline folder, fp32, eval mode, checked against ``spec``."""
     if model == "tiny":
-        parts = build_tiny_flux(spec)
+        shipped = shipped_model(spec.family)
+        parts = _from_pretrained(str(shipped)) if shipped else build_tiny_flux(spec)
     else:
         parts = _from_pretrained(model)
     for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):

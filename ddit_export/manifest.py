@@ -78,20 +78,9 @@ def io_contract(spec: FluxSpec, text: dict) -> dict:
     }
 
 
-def write_manifest(folder: Path, spec: FluxSpec, factors, components: dict, source: dict, seconds: float) -> dict:
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        files[str(path.relative_to(folder))] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "family": spec.family,
-        "profile": spec.to_dict(),
-        "sizes": list(factors),
-        "precision": "fp32",
-        "source": source,
-        "files": files,
-        "components": components,
+def flux_blocks(spec: FluxSpec, factors, components: dict) -> dict:
+    """FLUX's family-specific manifest blocks: io, shapes, scheduler, latent, sigmas."""
+    return {
         "io": io_contract(spec, components),
         "shapes": {
             "batch": [1, 1, spec.max_batch],
@@ -99,13 +88,7 @@ def write_manifest(folder: Path, spec: FluxSpec, factors, components: dict, sour
             "width": [spec.min_size[1], spec.opt_size[1], spec.max_size[1]],
             "multiple": spec.resolution_multiple(factors),
         },
-        "scheduler": {
-            "tau": spec.scheduler.tau,
-            "rho": spec.scheduler.rho,
-            "warmup": spec.scheduler.warmup,
-            "steps": spec.scheduler.steps,
-            "guidance": spec.scheduler.guidance,
-        },
+        "scheduler": scheduler_block(spec),
         "latent": {
             "channels": spec.latent_channels,
             "vae_scale_factor": spec.vae_scale_factor,
@@ -120,6 +103,39 @@ def write_manifest(folder: Path, spec: FluxSpec, factors, components: dict, sour
             "base_shift": spec.shift.base_shift,
             "max_shift": spec.shift.max_shift,
         },
+    }
+
+
+def scheduler_block(spec) -> dict:
+    """The DDiT scheduler defaults every family's manifest carries."""
+    return {
+        "tau": spec.scheduler.tau,
+        "rho": spec.scheduler.rho,
+        "warmup": spec.scheduler.warmup,
+        "steps": spec.scheduler.steps,
+        "guidance": spec.scheduler.guidance,
+    }
+
+
+def write_manifest(
+    folder: Path, spec, factors, components: dict, source: dict, seconds: float, blocks: dict | None = None
+) -> dict:
+    """Hash every file in ``folder`` and write ``manifest.json``; ``blocks`` are the family-specific sections
+    (io, shapes, scheduler, latent, sigmas, ...), FLUX's when None."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        files[str(path.relative_to(folder))] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "family": spec.family,
+        "profile": spec.to_dict(),
+        "sizes": list(factors),
+        "precision": "fp32",
+        "source": source,
+        "files": files,
+        "components": components,
+        **(blocks if blocks is not None else flux_blocks(spec, factors, components)),
         "exporter": {
             "ddit_version": __version__,
             "seconds": round(seconds, 1),

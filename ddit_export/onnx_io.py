@@ -50,20 +50,34 @@ def export_onnx(
 
 def double_tensors(path: Path) -> list[str]:
     """Names of every float64 value in the graph: inputs, outputs, initializers, value_info, Casts, Constants."""
+    return typed_tensors(path, {onnx.TensorProto.DOUBLE})
+
+
+#: ONNX's complex element types (TensorRT has none; diffusers' RoPE variants can produce them).
+COMPLEX_TYPES = frozenset({onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128})
+
+
+def complex_tensors(path: Path) -> list[str]:
+    """Names of every complex64/complex128 value in the graph (as ``double_tensors`` does for float64)."""
+    return typed_tensors(path, set(COMPLEX_TYPES))
+
+
+def typed_tensors(path: Path, types: set[int]) -> list[str]:
+    """Names of every value of an ONNX element type in ``types``: inputs, outputs, initializers, value_info,
+    Casts to it, and tensor attributes (Constants), in subgraphs and functions too."""
     model = onnx.load(str(path), load_external_data=False)
-    dbl = onnx.TensorProto.DOUBLE
     found: list[str] = []
 
     def walk(graph):
         for v in list(graph.input) + list(graph.output) + list(graph.value_info):
-            if v.type.tensor_type.elem_type == dbl:
+            if v.type.tensor_type.elem_type in types:
                 found.append(v.name)
-        found.extend(t.name for t in graph.initializer if t.data_type == dbl)
+        found.extend(t.name for t in graph.initializer if t.data_type in types)
         for node in graph.node:
             for attr in node.attribute:
-                if node.op_type == "Cast" and attr.name == "to" and attr.i == dbl:
+                if node.op_type == "Cast" and attr.name == "to" and attr.i in types:
                     found.append(f"{node.op_type}:{node.name}")
-                if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == dbl:
+                if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in types:
                     found.append(f"{node.op_type}:{node.name}")
                 if attr.type == onnx.AttributeProto.GRAPH:
                     walk(attr.g)
@@ -73,7 +87,7 @@ def double_tensors(path: Path) -> list[str]:
     walk(model.graph)
     for fn in model.functions:
         for node in fn.node:
-            if node.op_type == "Cast" and any(a.name == "to" and a.i == dbl for a in node.attribute):
+            if node.op_type == "Cast" and any(a.name == "to" and a.i in types for a in node.attribute):
                 found.append(f"{fn.name}/Cast:{node.name}")
     return found
 

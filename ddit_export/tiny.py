@@ -1,8 +1,8 @@
 """The embedded ``tiny`` models: real diffusers/transformers classes at toy size, with word-level tokenizers.
 
-For now the weights are random (seeded, so every export of ``--model tiny`` is identical); the embedded-model
-recipe replaces them with trained ones. ``save_tiny_flux`` writes a diffusers-layout folder, which tests load back
-through the real ``from_pretrained`` path.
+``ddit-recipe flux --install`` trains them and installs them under ``tiny_models/flux`` in the package, which
+``--model tiny`` then loads through the real ``from_pretrained`` path. Without that folder, ``--model tiny`` falls
+back to seeded random weights of the same classes (what the recipe starts from).
 """
 
 from __future__ import annotations
@@ -15,19 +15,29 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast,
 
 from ddit_profiles import FluxSpec
 
-#: Caption vocabulary of the procedural shapes data set (colours, shapes, counts, sizes, places, patterns).
-CAPTION_WORDS = (
-    "a an the one two three four five six many several few some of on in at with and"
-    " red green blue yellow orange purple pink white black gray grey brown cyan magenta"
-    " circle circles square squares triangle triangles stripe stripes striped dot dots dotted ring rings star stars"
-    " small large big tiny huge medium bright dark light plain solid"
-    " background left right top bottom center centre middle corner upper lower"
-    " image picture photo of shape shapes pattern checkered gradient scene"
-).split()
+from .shapes import VOCABULARY
+
+#: Where the recipe installs the trained tiny models (diffusers layout, plus adapters.safetensors and recipe.json).
+PACKAGE_MODELS = Path(__file__).parent / "tiny_models"
 
 
-def _word_tokenizer(specials: list[str], template: str, pad: str, eos: str, bos: str | None, max_len: int):
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(CAPTION_WORDS)))}
+def shipped_model(family: str = "flux") -> Path | None:
+    """The trained tiny model folder shipped in the package, or None when it has not been built."""
+    folder = PACKAGE_MODELS / family
+    return folder if (folder / "model_index.json").is_file() else None
+
+
+def shipped_adapters(family: str = "flux") -> Path | None:
+    folder = shipped_model(family)
+    return folder / "adapters.safetensors" if folder and (folder / "adapters.safetensors").is_file() else None
+
+
+#: Every word a caption of the procedural shapes data set can contain (image and clip captions).
+CAPTION_WORDS = tuple(VOCABULARY)
+
+
+def _word_tokenizer(words, specials: list[str], template: str, pad: str, eos: str, bos: str | None, max_len: int):
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(words) - set(specials)))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -42,7 +52,13 @@ def _word_tokenizer(specials: list[str], template: str, pad: str, eos: str, bos:
 
 def tiny_tokenizers(spec: FluxSpec):
     """(CLIP-style, T5-style) fast tokenizers over the caption vocabulary."""
+    return word_tokenizers(spec, CAPTION_WORDS)
+
+
+def word_tokenizers(spec: FluxSpec, words):
+    """(CLIP-style, T5-style) word-level fast tokenizers over ``words``, lower-cased, unknown words -> <unk>."""
     clip = _word_tokenizer(
+        words,
         ["<|startoftext|>", "<|endoftext|>", "<unk>"],
         "<|startoftext|> $A <|endoftext|>",
         pad="<|endoftext|>",
@@ -51,17 +67,17 @@ def tiny_tokenizers(spec: FluxSpec):
         max_len=spec.clip_max_length,
     )
     t5 = _word_tokenizer(
-        ["<pad>", "</s>", "<unk>"], "$A </s>", pad="<pad>", eos="</s>", bos=None, max_len=spec.t5_max_length
+        words, ["<pad>", "</s>", "<unk>"], "$A </s>", pad="<pad>", eos="</s>", bos=None, max_len=spec.t5_max_length
     )
     return clip, t5
 
 
-def build_tiny_flux(spec: FluxSpec, seed: int = 0) -> dict:
+def build_tiny_flux(spec: FluxSpec, seed: int = 0, tokenizers=None) -> dict:
     """Seeded random tiny FLUX components, keyed like a diffusers FluxPipeline folder."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     cfg = spec.tiny_configs
-    clip_tok, t5_tok = tiny_tokenizers(spec)
+    clip_tok, t5_tok = tokenizers or tiny_tokenizers(spec)
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(**cfg["transformer"])
     clip = CLIPTextModel(
@@ -88,10 +104,10 @@ def build_tiny_flux(spec: FluxSpec, seed: int = 0) -> dict:
     )
 
 
-def save_tiny_flux(spec: FluxSpec, folder: str | Path, seed: int = 0) -> Path:
-    """Write the tiny components as a diffusers FLUX folder (safetensors weights, one subfolder each)."""
+def save_components(parts: dict, folder: str | Path) -> Path:
+    """Write components as a diffusers FLUX folder (safetensors weights, one subfolder each)."""
     folder = Path(folder)
-    for name, component in build_tiny_flux(spec, seed).items():
+    for name, component in parts.items():
         kw = {} if name.startswith("tokenizer") else {"safe_serialization": True}
         component.save_pretrained(folder / name, **kw)
     (folder / "model_index.json").write_text('{"_class_name": "FluxPipeline", "_diffusers_version": "0.42.0"}\n')

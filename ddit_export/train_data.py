@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from pathlib import Path
 
 import torch
@@ -20,23 +19,15 @@ from ddit_runtime.manifest import sha256_file
 from ddit_runtime.sigmas import flux_sigmas
 
 from .flux_model import FluxEngine, size_variant
-from .tiny import CAPTION_WORDS
+from .shapes import scene_from_seed
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SHARD = 64  # samples per cache shard
 
 
 def builtin_captions(count: int, seed: int = 0) -> list[str]:
-    """Procedural captions over the tiny vocabulary, for ``--model tiny`` runs without a prompt file."""
-    colours = [w for w in CAPTION_WORDS if w in {"red", "green", "blue", "yellow", "orange", "purple", "white"}]
-    shapes = ["circle", "square", "triangle", "stripes", "ring", "star", "dots"]
-    rng = random.Random(seed)
-    out = []
-    for _ in range(count):
-        size = rng.choice(["", "small ", "large "])
-        fg, bg = rng.sample(colours + ["black", "gray"], 2)
-        out.append(f"a {size}{fg} {rng.choice(shapes)} on a {bg} background")
-    return out
+    """Captions of the procedural shapes data set, for ``--model tiny`` runs without a prompt file."""
+    return [scene_from_seed(seed * 1_000_003 + 500_000_000 + i).caption() for i in range(count)]
 
 
 def read_prompts(path: str | Path) -> list[str]:

@@ -3,14 +3,21 @@
 from .errors import DDiTError
 from .flux import FLUX, FLUX_TINY
 from .spec import FlowShift, FluxSpec, SchedulerDefaults, Tolerance
+from .wan import WAN, WAN_TINY, WanSpec
 
-PROFILES: dict[str, FluxSpec] = {spec.name: spec for spec in (FLUX, FLUX_TINY)}
+#: Any family's spec (they share ``name``, ``family``, ``check_factors``, ``patch_pixels``, ``to_dict``...).
+Spec = FluxSpec | WanSpec
+
+PROFILES: dict[str, Spec] = {spec.name: spec for spec in (FLUX, FLUX_TINY, WAN, WAN_TINY)}
 
 #: The family a CLI family name maps to, and the profile ``--model tiny`` selects in it.
-FAMILIES = {"flux": {"default": "flux", "tiny": "flux-tiny"}}
+FAMILIES = {"flux": {"default": "flux", "tiny": "flux-tiny"}, "wan": {"default": "wan", "tiny": "wan-tiny"}}
+
+#: The spec class of each family, for rebuilding a spec from a manifest's profile block.
+SPEC_CLASSES = {"flux": FluxSpec, "wan": WanSpec}
 
 
-def get_profile(name: str) -> FluxSpec:
+def get_profile(name: str) -> Spec:
     """Look a profile up by name, with a one-line error listing the known ones."""
     try:
         return PROFILES[name]
@@ -18,20 +25,36 @@ def get_profile(name: str) -> FluxSpec:
         raise DDiTError(f"unknown profile '{name}': known profiles are {', '.join(PROFILES)}") from None
 
 
-def profile_for(family: str, model: str) -> FluxSpec:
+def profile_for(family: str, model: str) -> Spec:
     """The profile that ``ddit-export FAMILY --model MODEL`` uses: the tiny variant for ``tiny``, else the full one."""
     if family not in FAMILIES:
         raise DDiTError(f"unknown model family '{family}': choose one of {', '.join(FAMILIES)}")
     return get_profile(FAMILIES[family]["tiny" if model == "tiny" else "default"])
 
 
+def spec_from_dict(d: dict) -> Spec:
+    """Rebuild a spec from ``spec.to_dict()`` (a manifest's profile block), by its ``family`` (FLUX if absent)."""
+    family = d.get("family", "flux") if isinstance(d, dict) else None
+    if family not in SPEC_CLASSES:
+        raise DDiTError(
+            f"the manifest's profile block names unknown family {family!r} (known: {', '.join(SPEC_CLASSES)}): "
+            "re-export the engines folder, or use a matching ddit version"
+        )
+    return SPEC_CLASSES[family].from_dict(d)
+
+
 __all__ = [
     "DDiTError",
+    "FAMILIES",
     "FlowShift",
     "FluxSpec",
     "PROFILES",
+    "SPEC_CLASSES",
     "SchedulerDefaults",
+    "Spec",
     "Tolerance",
+    "WanSpec",
     "get_profile",
     "profile_for",
+    "spec_from_dict",
 ]

@@ -194,3 +194,22 @@ class FluxSpec:
             return cls(**kw)
         except (KeyError, TypeError) as e:
             raise DDiTError(f"the manifest's profile block is malformed ({e}): re-export the engines folder") from None
+
+
+def rebuild(cls, d: dict):
+    """A spec dataclass from its ``to_dict()``: nested tolerances/defaults rebuilt, lists back to tuples.
+
+    Any missing or unknown key gives a one-line ``DDiTError`` (the manifest's profile block is malformed).
+    """
+    kw = dict(d)
+    try:
+        for f in dataclasses.fields(cls):
+            if f.name not in kw:
+                continue
+            if isinstance(f.default, (Tolerance, SchedulerDefaults, FlowShift)):
+                kw[f.name] = type(f.default)(**kw[f.name])
+            elif isinstance(f.default, tuple):
+                kw[f.name] = tuple(tuple(v) if isinstance(v, list) else v for v in kw[f.name])
+        return cls(**kw)
+    except (KeyError, TypeError) as e:
+        raise DDiTError(f"the manifest's profile block is malformed ({e}): re-export the engines folder") from None

@@ -70,5 +70,9 @@ class OrtEngine:
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         """Convenience for one-off graphs (encoders, decoder): ORT allocates the single output."""
+        return self.run_all(**inputs)[0]
+
+    def run_all(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Every output, in graph order, for graphs run a few times per generation (ORT allocates them)."""
         feeds = {n: inputs[n].detach().cpu().numpy() for n in self.input_names}
-        return torch.from_numpy(self.session.run(None, feeds)[0]).to(self.device)
+        return [torch.from_numpy(o).to(self.device) for o in self.session.run(None, feeds)]

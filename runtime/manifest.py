@@ -7,12 +7,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ddit_profiles import DDiTError, FluxSpec
+from ddit_profiles import DDiTError, Spec, spec_from_dict
 
 FORMAT = "ddit-engines"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-FAMILIES = {"flux"}
+FAMILIES = {"flux", "wan"}
+#: Components besides the transformer engines that each family's manifest must list.
+FAMILY_COMPONENTS = {"flux": ("text_encoder", "text_encoder_2", "vae_decoder"), "wan": ("text_encoder", "vae_decoder")}
 REQUIRED = (
     "format",
     "format_version",
@@ -43,7 +45,7 @@ class Manifest:
 
     folder: Path
     data: dict
-    spec: FluxSpec
+    spec: Spec
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -82,8 +84,10 @@ def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
             f"runtime reads {FORMAT} v{FORMAT_VERSION}: re-export it, or use a matching ddit version"
         )
     if data["family"] not in FAMILIES:
-        raise _fail(folder, f"is for unknown family '{data['family']}' (this runtime knows {', '.join(FAMILIES)})")
-    spec = FluxSpec.from_dict(data["profile"])
+        raise _fail(
+            folder, f"is for unknown family '{data['family']}' (this runtime knows {', '.join(sorted(FAMILIES))})"
+        )
+    spec = spec_from_dict(data["profile"])
     _check_components(folder, data)
     _check_files(folder, data, verify)
     return Manifest(folder, data, spec)
@@ -94,7 +98,7 @@ def _check_components(folder: Path, data: dict) -> None:
     if not sizes or 1 not in sizes or any(not isinstance(k, int) or k < 1 or k & (k - 1) for k in sizes):
         raise _fail(folder, f"lists invalid sizes {sizes}")
     missing = [f"transformer k={k}" for k in sizes if str(k) not in comps.get("transformer", {})]
-    missing += [c for c in ("text_encoder", "text_encoder_2", "vae_decoder") if c not in comps]
+    missing += [c for c in FAMILY_COMPONENTS[data["family"]] if c not in comps]
     if missing:
         raise _fail(folder, f"lacks {', '.join(missing)} in its manifest")
 
@@ -111,3 +115,12 @@ def _check_files(folder: Path, data: dict, verify: bool) -> None:
             raise _fail(folder, f"has {name} of {path.stat().st_size} bytes, the manifest says {meta.get('bytes')}")
         if verify and sha256_file(path) != meta.get("sha256"):
             raise _fail(folder, f"has {name} with a sha256 that does not match the manifest (corrupt or modified)")
+
+
+def peek_family(folder: str | Path) -> str | None:
+    """The manifest's family, read without validation (None if unreadable; ``load_manifest`` then says why)."""
+    try:
+        data = json.loads((Path(folder) / MANIFEST).read_text())
+        return data.get("family") if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None

@@ -18,7 +18,7 @@ class PromptTokenizer:
         self.tokenizer = Tokenizer.from_file(str(path))
         self.tokenizer.enable_truncation(max_length)
         self.tokenizer.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token)
-        self.max_length, self.name = max_length, name
+        self.max_length, self.name, self.pad_id = max_length, name, pad_id
 
     def __call__(self, prompt: str) -> torch.Tensor:
         encoding = self.tokenizer.encode(prompt)

@@ -26,7 +26,7 @@ def tiny_engines(tmp_path_factory, tiny_spec):
     from ddit_export.flux_export import export_flux
 
     out = tmp_path_factory.mktemp("shared") / "engines"
-    export_flux("tiny", tiny_spec, [1, 2, 4], out, progress=False)
+    export_flux("tiny", tiny_spec, [1, 2, 4], out, adapters_path="none", progress=False)
     return out
 
 
@@ -58,3 +58,25 @@ def tiny_parts(tiny_spec):
     from ddit_export.loading import load_flux
 
     return load_flux("tiny", tiny_spec)
+
+
+@pytest.fixture(scope="session")
+def wan_spec():
+    return get_profile("wan-tiny")
+
+
+@pytest.fixture(scope="session")
+def wan_parts(wan_spec):
+    from ddit_export.wan_loading import load_wan
+
+    return load_wan("tiny", wan_spec)
+
+
+@pytest.fixture(scope="session")
+def wan_engines(tmp_path_factory, wan_spec):
+    """One tiny Wan export, sizes 1, 2, 4, untrained adapters (about 100 s on 2 cores). Do not modify it."""
+    from ddit_export.wan_export import export_wan
+
+    out = tmp_path_factory.mktemp("wan") / "engines"
+    export_wan("tiny", wan_spec, [1, 2, 4], out, adapters_path="none", progress=False)
+    return out

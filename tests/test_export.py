@@ -13,7 +13,7 @@ from ddit_export.flux_export import export_flux
 from ddit_export.flux_model import FluxEngine, size_variant
 from ddit_export.loading import load_flux
 from ddit_export.onnx_io import double_tensors, ort_session
-from ddit_export.tiny import save_tiny_flux
+from ddit_export.tiny import save_components
 from ddit_profiles import DDiTError
 from ddit_runtime.manifest import load_manifest
 
@@ -130,11 +130,11 @@ def test_trained_adapters_export_matches_unmerged_student(tmp_path, tiny_spec, t
     )
 
 
-def test_export_from_a_local_diffusers_folder(tmp_path, tiny_spec, tiny_engines):
-    folder = save_tiny_flux(tiny_spec, tmp_path / "tiny-flux")
+def test_export_from_a_local_diffusers_folder(tmp_path, tiny_spec, tiny_engines, tiny_parts):
+    folder = save_components(tiny_parts, tmp_path / "tiny-flux")
     assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     out = tmp_path / "engines"
-    export_flux(str(folder), tiny_spec, [1], out, progress=False)
+    export_flux(str(folder), tiny_spec, [1], out, adapters_path="none", progress=False)
     feeds = _feeds(tiny_spec)
     torch.testing.assert_close(
         _run(out / "transformer_k1.onnx", feeds),
@@ -152,12 +152,12 @@ def test_failed_export_leaves_no_folder_and_keeps_the_old_one(tmp_path, tiny_spe
     monkeypatch.setattr(flux_export, "_export_vae", boom)
     out = tmp_path / "engines"
     with pytest.raises(DDiTError, match="simulated"):
-        export_flux("tiny", tiny_spec, [1], out, progress=False)
+        export_flux("tiny", tiny_spec, [1], out, adapters_path="none", progress=False)
     assert list(tmp_path.iterdir()) == []
     out.mkdir()
     (out / "keep.txt").write_text("old export")
     with pytest.raises(DDiTError, match="simulated"):
-        export_flux("tiny", tiny_spec, [1], out, force=True, progress=False)
+        export_flux("tiny", tiny_spec, [1], out, adapters_path="none", force=True, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
     assert (out / "keep.txt").read_text() == "old export"
 
@@ -170,9 +170,9 @@ def test_hub_id_not_in_offline_cache_is_one_line_error(tmp_path, tiny_spec, monk
     assert "HF_HUB_OFFLINE" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_checkpoint_that_does_not_match_the_profile_is_refused(tmp_path):
+def test_checkpoint_that_does_not_match_the_profile_is_refused(tmp_path, tiny_parts):
     from ddit_profiles import get_profile
 
-    folder = save_tiny_flux(get_profile("flux-tiny"), tmp_path / "tiny")
+    folder = save_components(tiny_parts, tmp_path / "tiny")
     with pytest.raises(DDiTError, match="joint_attention_dim is 64, expected 4096"):
         load_flux(str(folder), get_profile("flux"))

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ddit_cli import train_main
-from ddit_export.adapters import load_adapters
+from ddit_export.adapters import load_adapters, lora_targets
 from ddit_export.flux_export import export_flux
 from ddit_export.flux_model import FluxEngine, size_variant
 from ddit_export.onnx_io import ort_session
@@ -47,7 +47,7 @@ def test_trained_adapters_have_nonzero_lora_for_every_ffn(trained, tiny_parts):
     tensors = load_file(str(trained[0] / "adapters.safetensors"))
     for k in (2, 4):
         bs = [t for n, t in tensors.items() if n.startswith(f"size{k}.lora.") and "lora_B" in n]
-        assert len(bs) == 4 * 2 + 2 * 2  # 2 double blocks x (ff, ff_context) x 2 linears + 2 single x 2
+        assert len(bs) == len(lora_targets(tiny_parts["transformer"])) > 0
         assert all(t.abs().max() > 0 for t in bs)  # peft inits B = 0: training moved every one
 
 

@@ -1,0 +1,247 @@
+"""Wan 2.1 text-to-video: the ``WanSpec`` shape arithmetic, the 1.3B profile, and its embedded tiny variant.
+
+A Wan latent is ``[B, 16, F, H, W]`` with ``F = (frames - 1) / 4 + 1`` and ``H, W = height / 8, width / 8``.
+The native token is a (1, 2, 2) patch; patch factor k uses (1, 2k, 2k) (the temporal patch stays 1).
+Resolutions only need to tile the native patch (multiples of 16 pixels): the coarse engines pad the latent up to
+a multiple of 2k inside the graph (replicate padding) and crop the velocity back (see ``padded_latent_hw``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .errors import DDiTError
+from .spec import FluxSpec, SchedulerDefaults, Tolerance, rebuild
+
+WAN_TRANSFORMER_INPUTS = ("latent", "timestep", "encoder_hidden_states")
+WAN_TRANSFORMER_OUTPUTS = ("velocity",)
+#: How the coarse engines fill the latent up to a multiple of their patch: ONNX Pad mode "edge".
+PAD_MODE = "replicate"
+
+
+@dataclass(frozen=True)
+class WanSpec:
+    """One Wan-family model: what the exporter checks the checkpoint against and the runtime sizes buffers from."""
+
+    name: str
+    hub_id: str | None
+    description: str
+    # Architecture facts (diffusers WanTransformer3DModel, UMT5EncoderModel, AutoencoderKLWan).
+    latent_channels: int = 16
+    vae_scale_factor: int = 8  # spatial compression
+    vae_temporal_factor: int = 4  # temporal compression: frames = 4 n + 1
+    native_patch: int = 2  # (1, 2, 2): latent pixels per token side at the native size
+    num_layers: int = 30
+    num_heads: int = 12
+    head_dim: int = 128
+    ffn_dim: int = 8960
+    text_dim: int = 4096  # umT5 width
+    t5_max_length: int = 512
+    # What an export offers.
+    patch_factors: tuple[int, ...] = (1, 2, 4)
+    min_size: tuple[int, int] = (256, 256)  # (height, width) in pixels
+    opt_size: tuple[int, int] = (480, 832)
+    max_size: tuple[int, int] = (720, 1280)
+    min_frames: int = 5
+    opt_frames: int = 81
+    max_frames: int = 81
+    max_batch: int = 2  # the conditional and unconditional passes of classifier-free guidance
+    opset: int = 18
+    scheduler: SchedulerDefaults = SchedulerDefaults(tau=0.001, rho=0.4, warmup=3, steps=50, guidance=5.0)
+    negative_prompt: str = ""
+    # UniPC flow sigmas: shift 3.0 up to 480p (by pixel area), 5.0 above (720p).
+    flow_shift_low: float = 3.0
+    flow_shift_high: float = 5.0
+    flow_shift_area: int = 480 * 832
+    num_train_timesteps: int = 1000
+    transformer_tolerance: Tolerance = Tolerance(atol=1e-3, rtol=5e-3)
+    text_tolerance: Tolerance = Tolerance(atol=1e-3, rtol=5e-3)
+    vae_tolerance: Tolerance = Tolerance(atol=1e-3, rtol=5e-3)
+    tiny_configs: dict = field(default_factory=dict, compare=False, repr=False)
+    family: str = "wan"
+    transformer_inputs: tuple[str, ...] = WAN_TRANSFORMER_INPUTS
+    transformer_outputs: tuple[str, ...] = WAN_TRANSFORMER_OUTPUTS
+
+    # ---- shape arithmetic -------------------------------------------------------------------------------------
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def guidance_scale(self) -> float:
+        """Classifier-free guidance scale (Wan has no embedded guidance input)."""
+        return self.scheduler.guidance
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames for a video of ``frames`` frames (4 n + 1 -> n + 1)."""
+        return (frames - 1) // self.vae_temporal_factor + 1
+
+    def video_frames(self, latent_frames: int) -> int:
+        """The inverse of ``latent_frames``: what the VAE decodes ``latent_frames`` into."""
+        return (latent_frames - 1) * self.vae_temporal_factor + 1
+
+    def latent_hw(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    def patch_pixels(self, factor: int) -> int:
+        """Latent pixels per token side (spatial) at patch factor ``factor``: 2, 4, 8. The temporal patch is 1."""
+        return self.native_patch * factor
+
+    def token_channels(self, factor: int) -> int:
+        """Values one token covers: ``C * 1 * p * p`` (the de-embedding's output width)."""
+        return self.latent_channels * self.patch_pixels(factor) ** 2
+
+    def padded_latent_hw(self, factor: int, height: int, width: int) -> tuple[int, int]:
+        """Latent height and width after the engine pads them up to a multiple of ``patch_pixels(factor)``."""
+        p = self.patch_pixels(factor)
+        lh, lw = self.latent_hw(height, width)
+        return math.ceil(lh / p) * p, math.ceil(lw / p) * p
+
+    def token_grid(self, factor: int, height: int, width: int) -> tuple[int, int]:
+        p = self.patch_pixels(factor)
+        ph, pw = self.padded_latent_hw(factor, height, width)
+        return ph // p, pw // p
+
+    def tokens_for(self, factor: int, frames: int, height: int, width: int) -> int:
+        """Video tokens per sample at ``factor`` (after padding): latent frames x token rows x token columns."""
+        rows, cols = self.token_grid(factor, height, width)
+        return self.latent_frames(frames) * rows * cols
+
+    def resolution_multiple(self, factors: tuple[int, ...] = (1,)) -> int:
+        """Pixel multiple of height and width: the native patch must tile; coarse sizes pad (``factors`` unused)."""
+        return self.vae_scale_factor * self.native_patch
+
+    def check_factors(self, factors) -> tuple[int, ...]:
+        """The same rules as FLUX: powers of two offered by the profile, the native size 1 among them."""
+        return FluxSpec.check_factors(self, factors)  # type: ignore[arg-type]
+
+    def check_resolution(self, height: int, width: int, factors: tuple[int, ...] = (1,)) -> None:
+        """Raise a one-line ``DDiTError`` unless ``height x width`` is in range and a multiple of 16 pixels.
+
+        Coarse factors need no divisibility: their engines pad the latent (PAD policy) and crop the velocity.
+        """
+        (h0, w0), (h1, w1) = self.min_size, self.max_size
+        if not (h0 <= height <= h1 and w0 <= width <= w1):
+            raise DDiTError(
+                f"resolution {height}x{width} is outside profile '{self.name}' ({h0}x{w0} to {h1}x{w1}): "
+                f"pick a height and width in that range"
+            )
+        mult = self.resolution_multiple(factors)
+        if height % mult or width % mult:
+            raise DDiTError(
+                f"resolution {height}x{width} is not a multiple of {mult} pixels (the VAE's 8 times the native patch "
+                f"2): use e.g. {_near(height, mult, h0, h1)}x{_near(width, mult, w0, w1)}"
+            )
+
+    def valid_frames(self) -> list[int]:
+        step = self.vae_temporal_factor
+        first = self.min_frames + (1 - self.min_frames) % step
+        return list(range(first, self.max_frames + 1, step))
+
+    def check_frames(self, frames: int) -> None:
+        """Raise a one-line ``DDiTError`` unless ``frames`` is 4 n + 1 and within the profile's range."""
+        valid = self.valid_frames()
+        if frames in valid:
+            return
+        below = [f for f in valid if f <= frames][-1:]
+        above = [f for f in valid if f >= frames][:1]
+        picks = " or ".join(str(f) for f in below + above) or str(valid[0])
+        listing = ", ".join(map(str, valid)) if len(valid) <= 8 else f"{valid[0]}, {valid[1]}, ..., {valid[-1]}"
+        raise DDiTError(
+            f"{frames} frames is not valid for profile '{self.name}': the count must be 4n+1 from "
+            f"{self.min_frames} to {self.max_frames} ({listing}); use e.g. {picks}"
+        )
+
+    def flow_shift(self, height: int, width: int) -> float:
+        """UniPC flow-sigma shift: 3.0 up to 480p (by pixel area), 5.0 above (720p)."""
+        return self.flow_shift_low if height * width <= self.flow_shift_area else self.flow_shift_high
+
+    def frame_range(self) -> tuple[int, int, int]:
+        """(min, opt, max) latent frames: the transformer engines' dynamic frame range."""
+        return tuple(self.latent_frames(f) for f in (self.min_frames, self.opt_frames, self.max_frames))
+
+    # ---- serialisation (the manifest carries the spec) --------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("tiny_configs")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WanSpec:
+        return rebuild(cls, d)
+
+
+def _near(value: int, mult: int, lo: int, hi: int) -> str:
+    down, up = (value // mult) * mult, math.ceil(value / mult) * mult
+    picks = [v for v in (down, up) if lo <= v <= hi]
+    return " or ".join(str(v) for v in dict.fromkeys(picks)) or str(lo)
+
+
+WAN = WanSpec(
+    name="wan",
+    hub_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    description="Wan 2.1 T2V 1.3B: 30 layers, 12 heads x 128 (1536), ffn 8960, umT5 (4096, 512), VAE /8 and /4",
+)
+
+#: The tiny variant: the same diffusers classes at toy size, random weights. 256x256 with 9 frames gives
+#: 3 latent frames of 32x32, so 768 / 192 / 48 tokens at k = 1 / 2 / 4.
+WAN_TINY = WanSpec(
+    name="wan-tiny",
+    hub_id=None,
+    description="tiny Wan 2.1 (2 layers, 2 heads x 32, umT5 width 32) of the real diffusers classes",
+    num_layers=2,
+    num_heads=2,
+    head_dim=32,
+    ffn_dim=128,
+    text_dim=32,
+    t5_max_length=32,
+    min_size=(128, 128),
+    opt_size=(256, 256),
+    max_size=(512, 512),
+    min_frames=5,
+    opt_frames=9,
+    max_frames=17,
+    max_batch=4,
+    scheduler=SchedulerDefaults(tau=0.001, rho=0.4, warmup=3, steps=20, guidance=5.0),
+    transformer_tolerance=Tolerance(atol=1e-4, rtol=1e-3),
+    text_tolerance=Tolerance(atol=1e-4, rtol=1e-3),
+    vae_tolerance=Tolerance(atol=1e-4, rtol=1e-3),
+    tiny_configs={
+        "transformer": dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=32,
+            in_channels=16,
+            out_channels=16,
+            text_dim=32,
+            freq_dim=64,
+            ffn_dim=128,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=1024,
+        ),
+        "text_encoder": dict(  # UMT5Config; vocab_size and special ids come from the tiny tokenizer
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            use_cache=False,
+        ),
+        "vae": dict(  # AutoencoderKLWan; latents_mean / latents_std keep diffusers' defaults (the 2.1 values)
+            base_dim=8,
+            z_dim=16,
+            dim_mult=(1, 2, 4, 4),
+            num_res_blocks=1,
+            temperal_downsample=(False, True, True),
+        ),
+    },
+)

@@ -1,0 +1,54 @@
+"""The embedded-model recipe (smoke version, as CI runs it) and the tiny FLUX shipped in the package."""
+
+import json
+
+import pytest
+import torch
+
+from ddit_export.adapters import load_adapters
+from ddit_export.loading import load_flux
+from ddit_export.recipe import Recipe, RecipeSteps
+from ddit_export.tiny import PACKAGE_MODELS, build_tiny_flux, shipped_adapters, shipped_model
+
+
+def test_smoke_recipe_builds_a_loadable_model_and_resumes(tmp_path, tiny_spec, capsys):
+    out = tmp_path / "recipe"
+    summary = Recipe(tiny_spec, out, RecipeSteps.smoke(), seed=0, progress=False).run()
+    model = out / "model"
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        assert (model / part).is_dir(), part
+    parts = load_flux(str(model), tiny_spec)  # the real from_pretrained path
+    assert parts["vae"].config.scaling_factor != tiny_spec.tiny_configs["vae"]["scaling_factor"]  # measured
+    adapters = load_adapters(out / "adapters" / "adapters.safetensors", parts["transformer"], tiny_spec, [1, 2, 4])
+    assert adapters.factors == [2, 4] and set(summary["adapters_eval"]) == {"2", "4"}
+    capsys.readouterr()
+    Recipe(tiny_spec, out, RecipeSteps.smoke(), seed=0, progress=False).run()  # every stage's output exists
+    log = capsys.readouterr().out
+    assert "training" not in log and "encoding" not in log, log
+
+
+def test_smoke_recipe_installs_atomically(tmp_path, tiny_spec):
+    out = tmp_path / "recipe"
+    recipe = Recipe(tiny_spec, out, RecipeSteps.smoke(), seed=1, progress=False)
+    recipe.run()
+    target = recipe.install(tmp_path / "pkg" / "flux")
+    assert (target / "model_index.json").is_file() and (target / "adapters.safetensors").is_file()
+    assert not any(p.name.startswith(".") for p in target.parent.iterdir())
+
+
+shipped = pytest.mark.skipif(shipped_model() is None, reason="no trained tiny model in the package yet")
+
+
+@shipped
+def test_shipped_tiny_model_is_small_and_trained(tiny_spec):
+    folder = shipped_model()
+    size = sum(p.stat().st_size for p in PACKAGE_MODELS.rglob("*") if p.is_file())
+    assert size <= 40 * 2**20, f"{size / 2**20:.1f} MiB"
+    parts = load_flux("tiny", tiny_spec)
+    random_init = build_tiny_flux(tiny_spec)["transformer"].state_dict()
+    trained = parts["transformer"].state_dict()
+    assert any(not torch.equal(trained[k], random_init[k]) for k in trained)
+    load_adapters(shipped_adapters(), parts["transformer"], tiny_spec, [1, 2, 4])
+    recipe = json.loads((folder / "recipe.json").read_text())
+    for k in ("2", "4"):
+        assert recipe["adapters_eval"][k]["trained"] < recipe["adapters_eval"][k]["init"]

@@ -1,0 +1,137 @@
+"""The Wan runtime on the shared tiny Wan engines: CFG, UniPC sampling, engine switching, MP4/frames output, and
+the CLI's Wan options and errors."""
+
+import json
+import subprocess
+
+import imageio.v3 as iio
+import imageio_ffmpeg
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ddit_cli import run_main
+from ddit_profiles import DDiTError
+from ddit_runtime.wan_pipeline import WanRuntime
+
+PROMPT = "a red circle moving from left to right on a black background"
+
+
+@pytest.fixture(scope="module")
+def runtime(wan_engines):
+    return WanRuntime(wan_engines, provider="cpu")
+
+
+def test_video_shape_and_determinism(runtime):
+    a = runtime.generate(PROMPT, frames=5, steps=4, seed=1, schedule=[1] * 4, progress=False)
+    b = runtime.generate(PROMPT, frames=5, steps=4, seed=1, schedule=[1] * 4, progress=False)
+    assert a.image.shape == (5, 3, 256, 256) and a.image.dtype == torch.uint8
+    assert torch.equal(a.image, b.image)
+
+
+def test_batched_and_two_pass_cfg_agree(runtime):
+    kw = dict(frames=5, steps=4, seed=2, schedule=[1, 1, 2, 4], progress=False)
+    batched = runtime.generate(PROMPT, cfg="batched", **kw)
+    two = runtime.generate(PROMPT, cfg="two-pass", **kw)
+    assert (batched.image.int() - two.image.int()).abs().max() <= 1
+    no_cfg = runtime.generate(PROMPT, guidance_scale=1.0, **kw)
+    assert not torch.equal(no_cfg.image, batched.image)  # guidance really changes the result
+
+
+def test_auto_schedule_switches_after_warmup(runtime):
+    result = runtime.generate(PROMPT, frames=5, steps=6, tau=1e9, progress=False)
+    assert result.schedule == [1, 1, 1, 4, 4, 4]
+    assert runtime.generate(PROMPT, frames=5, steps=6, tau=0.0, progress=False).schedule == [1] * 6
+
+
+def test_non_square_and_padded_sizes(runtime):
+    """144 px rows give a latent of 18: the 4p engine pads to 24 and crops back."""
+    result = runtime.generate(PROMPT, frames=5, height=144, width=192, steps=3, schedule=[4, 4, 4], progress=False)
+    assert result.image.shape == (5, 3, 144, 192)
+
+
+def test_bad_frames_and_sizes(runtime):
+    with pytest.raises(DDiTError, match="4n\\+1"):
+        runtime.generate(PROMPT, frames=8, steps=2, progress=False)
+    with pytest.raises(DDiTError):
+        runtime.generate(PROMPT, frames=5, height=100, width=256, steps=2, progress=False)
+    with pytest.raises(DDiTError, match="--cfg"):
+        runtime.generate(PROMPT, frames=5, steps=2, cfg="fancy", progress=False)
+
+
+def test_cli_writes_mp4_with_metadata(wan_engines, tmp_path):
+    out = tmp_path / "clip.mp4"
+    result = CliRunner().invoke(
+        run_main,
+        [
+            str(wan_engines),
+            "--prompt",
+            PROMPT,
+            "-o",
+            str(out),
+            "--frames",
+            "9",
+            "--steps",
+            "4",
+            "--schedule",
+            "1,1,2,4",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["schedule"] == [1, 1, 2, 4] and report["frames"] == 9 and len(report["step_ms"]) == 4
+    video = iio.imread(out)
+    assert video.shape == (9, 256, 256, 3)
+    sidecar = json.loads((tmp_path / "clip.mp4.json").read_text())
+    assert sidecar["schedule"] == [1, 1, 2, 4] and sidecar["prompt"] == PROMPT and sidecar["seed"] == 0
+    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(out)], capture_output=True, text=True)
+    comment = next(line for line in probe.stderr.splitlines() if line.strip().startswith("comment"))
+    assert '"schedule":[1,1,2,4]' in comment and '"seed":0' in comment
+
+
+def test_cli_frames_dir(wan_engines, tmp_path):
+    folder = tmp_path / "frames"
+    result = CliRunner().invoke(
+        run_main,
+        [
+            str(wan_engines),
+            "--prompt",
+            PROMPT,
+            "--frames-dir",
+            str(folder),
+            "--frames",
+            "5",
+            "--steps",
+            "2",
+            "--schedule",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.iterdir()) == sorted([f"frame_{i:04d}.png" for i in range(5)] + ["ddit.json"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--frames", "8"], "4n+1"),
+        (["--frames", "3"], "4n+1"),
+        (["-o", "clip.png"], ".mp4"),
+        (["--guidance", "3.5"], "--guidance-scale"),
+        (["--height", "2048"], "outside"),
+    ],
+)
+def test_cli_wan_errors_are_one_line(wan_engines, tmp_path, args, message):
+    result = CliRunner().invoke(run_main, [str(wan_engines), "--prompt", PROMPT, "--steps", "2", *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error:") and message in lines[-1], result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_flux_only_options_are_refused_for_wan_and_back(tiny_engines, tmp_path):
+    result = CliRunner().invoke(
+        run_main, [str(tiny_engines), "--prompt", "a red circle", "--frames", "9", "-o", str(tmp_path / "x.png")]
+    )
+    assert result.exit_code == 2 and "applies to Wan engines" in result.stderr
