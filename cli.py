@@ -245,10 +245,10 @@ def _report(runtime, result, path, as_json: bool) -> None:
     "--prompts",
     default=None,
     metavar="FILE",
-    help="One prompt per line; the base model generates the training latents (cached). For --model tiny "
-    "without data, built-in procedural captions are used.",
+    help="One prompt per line; the base model generates the training latents (cached; Wan: videos, sampled with "
+    "classifier-free guidance). For --model tiny without data, built-in procedural captions are used.",
 )
-@click.option("--images", default=None, metavar="DIR", help="Images (name.txt beside name.png is the caption).")
+@click.option("--images", default=None, metavar="DIR", help="FLUX: images (name.txt beside name.png is the caption).")
 @click.option(
     "--builtin-prompts",
     type=int,
@@ -263,13 +263,19 @@ def _report(runtime, result, path, as_json: bool) -> None:
 @click.option(
     "--optimizer",
     type=click.Choice(["prodigy", "adamw"]),
-    default="prodigy",
-    show_default=True,
-    help="Prodigy (lr 1.0) as the paper does for FLUX; AdamW (lr 1e-4) as for Wan.",
+    default=None,
+    help="Prodigy (lr 1.0) as the paper does for FLUX; AdamW (lr 1e-4) as for Wan. Default: the family's "
+    "(prodigy for flux, adamw for wan).",
 )
 @click.option("--lr", type=float, default=None, help="Learning rate (default: 1.0 prodigy, 1e-4 adamw).")
 @click.option("--height", type=int, default=None, help="Training resolution (default: the profile's opt size).")
 @click.option("--width", type=int, default=None)
+@click.option(
+    "--frames",
+    type=int,
+    default=None,
+    help="Wan: video frames of the training latents, 4n+1 (default: the profile's opt frames).",
+)
 @click.option(
     "--gen-steps",
     type=int,
@@ -310,9 +316,11 @@ def train_main(family, model, profile_name, sizes, output, eval_only, force, qui
     PI-resize initialisation and of the trained adapters is printed and stored in adapters.json.
 
     \b
-    Example:
+    Examples:
       ddit-train flux --model tiny --sizes 2,4 --steps 200 -o adapters/
       ddit-export flux --adapters adapters/adapters.safetensors -o engines/
+      ddit-train wan --model tiny --sizes 2,4 --frames 9 -o wan-adapters/
+      ddit-export wan --adapters wan-adapters/adapters.safetensors -o wan-engines/
     """
     from ddit_profiles import get_profile, profile_for
 

@@ -4,6 +4,12 @@ loss = || student(z_t at size k, t, text) - teacher(z_t at the native size, t, t
 + s * noise and s drawn from the model's own shifted sigma schedule. The teacher is the same diffusers model with
 the adapters switched off, so the base weights exist once. Sizes train one after another; a checkpoint (adapters,
 optimizer, RNG, step) is written atomically every N steps and a rerun of the same command resumes from it.
+
+What differs between families lives in a small backend (``FluxBackend``, ``WanBackend``): loading, the engine class
+and its ``size_variant``, the conditioning tensors and the engine's argument list, the sigma grid t is drawn from,
+and how the training latents are made. FLUX: shifted Euler sigmas, sigma is the timestep, embedded guidance, T5 +
+pooled CLIP. Wan: UniPC flow sigmas with the profile's ``flow_shift(height, width)``, timestep = sigma * 1000
+(float), umT5 states; latents are videos ``[N, 16, F_lat, h, w]`` the base samples with classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -20,14 +26,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ddit_profiles import DDiTError, FluxSpec
+from ddit_profiles import DDiTError, FluxSpec, WanSpec
 from ddit_runtime.sigmas import flux_sigmas
+from ddit_runtime.unipc import wan_flow_sigmas
 
 from . import __version__
 from .adapters import DDiTAdapters, load_adapters, model_signature, untrained_adapters
 from .flux_model import FluxEngine, _lora_layers, size_variant
 from .loading import load_flux
-from .train_data import builtin_captions, list_images, load_or_build, read_prompts
+from .train_data import (
+    build_flux_data,
+    build_wan_data,
+    builtin_captions,
+    builtin_clip_captions,
+    list_images,
+    load_or_build,
+    read_prompts,
+)
+from .wan_loading import load_wan
+from .wan_model import WanEngine, wan_size_variant
 
 ADAPTERS_FILE, REPORT_FILE, CHECKPOINT_FILE = "adapters.safetensors", "adapters.json", "checkpoint.safetensors"
 WEIGHTINGS = ("uniform", "high-noise", "low-noise")
@@ -45,10 +62,11 @@ class TrainConfig:
     batch_size: int = 4
     rank: int = 32
     alpha: float | None = None  # LoRA scale = alpha / rank; default alpha = rank
-    optimizer: str = "prodigy"
+    optimizer: str | None = None  # default: the family's (prodigy for FLUX, adamw for Wan)
     lr: float | None = None  # default 1.0 for prodigy, 1e-4 for adamw
     height: int | None = None
     width: int | None = None
+    frames: int | None = None  # Wan only: video frames of the training latents (default: the profile's opt_frames)
     gen_steps: int | None = None
     builtin_prompts: int = 64
     t_weighting: str = "uniform"
@@ -63,25 +81,115 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         for key in ("output", "checkpoint_every", "device"):
             d.pop(key)
+        if d["frames"] is None:  # FLUX: identical to checkpoints written before Wan training existed
+            d.pop("frames")
         return d
 
 
-def check_config(cfg: TrainConfig, spec: FluxSpec) -> TrainConfig:
+# ---- per-family backends ------------------------------------------------------------------------------------------
+
+
+class FluxBackend:
+    """FLUX: T5 + pooled CLIP, shifted Euler sigmas, sigma in [0, 1] as the timestep, the embedded guidance."""
+
+    engine_class = FluxEngine
+    size_variant = staticmethod(size_variant)
+    swapped = ("x_embedder", "proj_out")  # what size_variant swaps into the transformer: the teacher needs the base's
+    default_optimizer = "prodigy"  # the paper's FLUX setting
+    builtin_prompts = staticmethod(builtin_captions)
+    data_options = "--prompts FILE (the base model generates latents) or --images DIR"
+
+    def __init__(self, spec: FluxSpec):
+        self.spec = spec
+
+    def check(self, cfg: TrainConfig) -> dict:
+        if cfg.frames is not None:
+            raise DDiTError("--frames applies to Wan: FLUX trains on images")
+        return {}
+
+    def load(self, model: str) -> dict:
+        return load_flux(model, self.spec)
+
+    def sigmas(self, cfg: TrainConfig) -> torch.Tensor:
+        spec = self.spec
+        return flux_sigmas(cfg.gen_steps, spec.shift.mu(spec.image_seq_len(cfg.height, cfg.width)))[:-1]  # no 0
+
+    def engine_args(self, z, sigma, cond: dict, device) -> tuple:
+        return (
+            z,
+            sigma.to(device),
+            torch.full((z.shape[0],), self.spec.scheduler.guidance, device=device),
+            cond["t5"].to(device),
+            cond["pooled"].to(device),
+        )
+
+    def cache_settings(self, cfg: TrainConfig) -> dict:
+        return dict(height=cfg.height, width=cfg.width, gen_steps=cfg.gen_steps, seed=cfg.seed)
+
+    def build_data(self, parts, source: dict, cfg: TrainConfig, device, progress: bool) -> dict:
+        return build_flux_data(parts, self.spec, source, cfg, device, progress)
+
+
+class WanBackend(FluxBackend):
+    """Wan 2.1: umT5 states, UniPC flow sigmas with the profile's flow shift, timestep = sigma * 1000 (float)."""
+
+    engine_class = WanEngine
+    size_variant = staticmethod(wan_size_variant)
+    swapped = ()  # wan_size_variant leaves the base modules in place; the engine takes the adapter itself
+    default_optimizer = "adamw"  # the paper's Wan setting (lr 1e-4)
+    builtin_prompts = staticmethod(builtin_clip_captions)
+    data_options = "--prompts FILE (the base model generates the training videos)"
+
+    def check(self, cfg: TrainConfig) -> dict:
+        if cfg.images:
+            raise DDiTError("--images is for FLUX: Wan trains on videos the base model generates from --prompts")
+        frames = cfg.frames if cfg.frames is not None else self.spec.opt_frames
+        self.spec.check_frames(frames)
+        return dict(frames=frames)
+
+    def load(self, model: str) -> dict:
+        return load_wan(model, self.spec)
+
+    def sigmas(self, cfg: TrainConfig) -> torch.Tensor:
+        return wan_flow_sigmas(cfg.gen_steps, self.spec.flow_shift(cfg.height, cfg.width))[:-1]  # no 0
+
+    def engine_args(self, z, sigma, cond: dict, device) -> tuple:
+        return z, (sigma * self.spec.num_train_timesteps).to(device), cond["text"].to(device)
+
+    def cache_settings(self, cfg: TrainConfig) -> dict:
+        guidance = dict(guidance_scale=self.spec.guidance_scale, negative_prompt=self.spec.negative_prompt)
+        return dict(super().cache_settings(cfg), frames=cfg.frames, **guidance)
+
+    def build_data(self, parts, source: dict, cfg: TrainConfig, device, progress: bool) -> dict:
+        return build_wan_data(parts, self.spec, source, cfg, device, progress)
+
+
+BACKENDS = {"flux": FluxBackend, "wan": WanBackend}
+
+
+def backend_for(spec) -> FluxBackend:
+    return BACKENDS[spec.family](spec)
+
+
+def check_config(cfg: TrainConfig, spec: FluxSpec | WanSpec) -> TrainConfig:
     """Validate and fill defaults; every problem is one line."""
+    backend = backend_for(spec)
     sizes = sorted(set(cfg.sizes))
     if not sizes or 1 in sizes:
         raise DDiTError("--sizes lists the coarse sizes to train, e.g. 2,4: size 1 is the untouched base model")
     spec.check_factors([1, *sizes])
     if cfg.prompts and cfg.images:
         raise DDiTError("give --prompts or --images, not both")
+    family = backend.check(cfg)
     if not cfg.prompts and not cfg.images and cfg.model != "tiny":
-        raise DDiTError("no training data: pass --prompts FILE (the base model generates latents) or --images DIR")
+        raise DDiTError(f"no training data: pass {backend.data_options}")
     if cfg.prompts:
         read_prompts(cfg.prompts)  # fail before loading any model
     if cfg.images:
         list_images(cfg.images)
-    if cfg.optimizer not in OPTIMIZERS:
-        raise DDiTError(f"unknown optimizer '{cfg.optimizer}': choose {' or '.join(OPTIMIZERS)}")
+    optimizer = cfg.optimizer or backend.default_optimizer
+    if optimizer not in OPTIMIZERS:
+        raise DDiTError(f"unknown optimizer '{optimizer}': choose {' or '.join(OPTIMIZERS)}")
     if cfg.t_weighting not in WEIGHTINGS:
         raise DDiTError(f"unknown --t-weighting '{cfg.t_weighting}': choose one of {', '.join(WEIGHTINGS)}")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.rank < 1 or cfg.checkpoint_every < 1:
@@ -90,15 +198,17 @@ def check_config(cfg: TrainConfig, spec: FluxSpec) -> TrainConfig:
         raise DDiTError(f"--holdout is a fraction in (0, 1), got {cfg.holdout}")
     height, width = cfg.height or spec.opt_size[0], cfg.width or spec.opt_size[1]
     spec.check_resolution(height, width, (1, *sizes))
-    lr = cfg.lr if cfg.lr is not None else (1.0 if cfg.optimizer == "prodigy" else 1e-4)
+    lr = cfg.lr if cfg.lr is not None else (1.0 if optimizer == "prodigy" else 1e-4)
     return dataclasses.replace(
         cfg,
         sizes=tuple(sizes),
         height=height,
         width=width,
+        optimizer=optimizer,
         lr=lr,
         gen_steps=cfg.gen_steps or spec.scheduler.steps,
         alpha=float(cfg.alpha if cfg.alpha is not None else cfg.rank),
+        **family,
     )
 
 
@@ -159,19 +269,19 @@ def _atomic_save(tensors: dict, path: Path, meta: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, spec: FluxSpec, progress: bool = True, force: bool = False):
+    def __init__(self, cfg: TrainConfig, spec: FluxSpec | WanSpec, progress: bool = True, force: bool = False):
         self.cfg, self.spec, self.progress = check_config(cfg, spec), spec, progress
+        self.backend = backend_for(spec)
         self.out = Path(cfg.output)
         self.device = _device(cfg.device)
         self._prepare_output(force)
-        self.parts = load_flux(cfg.model, spec)
+        self.parts = self.backend.load(cfg.model)
         self.transformer = self.parts["transformer"].to(self.device)
         if self.cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.signature = model_signature(self.transformer, spec)
         self.final_losses: dict[int, list[float]] = {}
-        h, w = self.cfg.height, self.cfg.width
-        self.sigmas = flux_sigmas(self.cfg.gen_steps, spec.shift.mu(spec.image_seq_len(h, w)))[:-1]  # [S], no 0
+        self.sigmas = self.backend.sigmas(self.cfg)  # [S], no 0
         self.weights = {
             "uniform": torch.ones_like(self.sigmas),
             "high-noise": self.sigmas,
@@ -199,20 +309,18 @@ class Trainer:
         if cfg.images:
             source = dict(kind="images", images=list_images(cfg.images))
         else:
-            prompts = read_prompts(cfg.prompts) if cfg.prompts else builtin_captions(cfg.builtin_prompts, cfg.seed)
+            prompts = (
+                read_prompts(cfg.prompts)
+                if cfg.prompts
+                else self.backend.builtin_prompts(cfg.builtin_prompts, cfg.seed)
+            )
             source = dict(kind="prompts", prompts=prompts)
-        source["model_signature"] = dict(self.signature, model=cfg.model)
+        settings = dict(self.backend.cache_settings(cfg), model=dict(self.signature, model=cfg.model))
         data = load_or_build(
             self.out / "cache",
-            self.parts,
-            self.spec,
             source,
-            cfg.height,
-            cfg.width,
-            cfg.gen_steps,
-            cfg.seed,
-            self.device,
-            self.progress,
+            settings,
+            lambda: self.backend.build_data(self.parts, source, cfg, self.device, self.progress),
         )
         n = data["latent"].shape[0]
         hold = max(1, round(n * cfg.holdout))
@@ -225,24 +333,26 @@ class Trainer:
     # ---- one forward pair ---------------------------------------------------------------------------------------
 
     def _noisy(self, batch: dict, gen: torch.Generator, sigma_idx: torch.Tensor):
+        """The engine arguments for ``z_t = (1 - s) x0 + s * noise`` of a batch at sigma indices ``sigma_idx``."""
         x0 = batch["latent"]
-        s = self.sigmas[sigma_idx].view(-1, 1, 1, 1)
+        sigma = self.sigmas[sigma_idx]
+        s = sigma.view(-1, *[1] * (x0.ndim - 1))
         noise = torch.randn(x0.shape, generator=gen)
         z = ((1.0 - s) * x0 + s * noise).to(self.device)
-        args = (
-            z,
-            self.sigmas[sigma_idx].to(self.device),
-            torch.full((z.shape[0],), self.spec.scheduler.guidance, device=self.device),
-            batch["t5"].to(self.device),
-            batch["pooled"].to(self.device),
-        )
-        return args
+        cond = {k: v for k, v in batch.items() if k != "latent"}
+        return self.backend.engine_args(z, sigma, cond, self.device)
+
+    def _base_modules(self) -> dict:
+        """The base model's modules that a size variant replaces (FLUX: embed/de-embed; Wan: none)."""
+        return {name: getattr(self.transformer, name) for name in self.backend.swapped}
 
     @contextlib.contextmanager
-    def _teacher_mode(self, base_modules: dict, adapter):
+    def _teacher_mode(self, base_modules: dict):
         """Inside a student context: the base model's own embed/de-embed, LoRA switched off."""
         layers = [layer for _, layer in _lora_layers(self.transformer)]
-        self.transformer.x_embedder, self.transformer.proj_out = base_modules["x"], base_modules["out"]
+        student = {name: getattr(self.transformer, name) for name in base_modules}
+        for name, module in base_modules.items():
+            setattr(self.transformer, name, module)
         for layer in layers:
             layer.enable_adapters(False)
         try:
@@ -250,19 +360,25 @@ class Trainer:
         finally:
             for layer in layers:
                 layer.enable_adapters(True)
-            if adapter is not None:
-                self.transformer.x_embedder, self.transformer.proj_out = adapter.embed, adapter.unembed
+            for name, module in student.items():
+                setattr(self.transformer, name, module)
+
+    def _engines(self, factor: int, adapter) -> tuple:
+        """(student at ``factor`` with ``adapter``, teacher at the native size), on the training device."""
+        cls = self.backend.engine_class
+        return tuple(cls(self.transformer, self.spec, k, a).to(self.device) for k, a in ((factor, adapter), (1, None)))
 
     def _autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _pair(self, adapter, factor: int, args: tuple, base_modules: dict):
-        with torch.no_grad(), self._teacher_mode(base_modules, adapter), self._autocast():
-            target = FluxEngine(self.transformer, self.spec, 1)(*args).float()
+    def _pair(self, engines: tuple, args: tuple, base_modules: dict):
+        student, teacher = engines
+        with torch.no_grad(), self._teacher_mode(base_modules), self._autocast():
+            target = teacher(*args).float()
         with self._autocast():
-            pred = FluxEngine(self.transformer, self.spec, factor, adapter)(*args).float()
+            pred = student(*args).float()
         return pred, target
 
     # ---- training -----------------------------------------------------------------------------------------------
@@ -330,9 +446,10 @@ class Trainer:
     def _train_size(self, adapters: DDiTAdapters, k: int, train: dict, resume: dict | None) -> None:
         cfg, n = self.cfg, train["latent"].shape[0]
         adapter = adapters.sizes[k].to(self.device).train().requires_grad_(True)
-        base = {"x": self.transformer.x_embedder, "out": self.transformer.proj_out}
+        base = self._base_modules()
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + k)
-        with size_variant(self.transformer, adapters, k, trainable=True):
+        with self.backend.size_variant(self.transformer, adapters, k, trainable=True):
+            engines = self._engines(k, adapter)
             lora = [p for name, p in self.transformer.named_parameters() if "lora_" in name]
             opt = _make_optimizer(cfg, list(adapter.parameters()) + lora)
             start, losses = 0, []
@@ -353,7 +470,7 @@ class Trainer:
                 idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
                 sigma_idx = torch.multinomial(self.weights, cfg.batch_size, replacement=True, generator=gen)
                 args = self._noisy({key: v[idx] for key, v in train.items()}, gen, sigma_idx)
-                pred, target = self._pair(adapter, k, args, base)
+                pred, target = self._pair(engines, args, base)
                 loss = torch.nn.functional.mse_loss(pred, target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -429,12 +546,12 @@ class Trainer:
         return out
 
     def _mse(self, adapters: DDiTAdapters, k: int, cases: list[tuple]) -> float:
-        base = {"x": self.transformer.x_embedder, "out": self.transformer.proj_out}
+        base = self._base_modules()
         total = 0.0
-        with size_variant(self.transformer, adapters, k, merge_lora=False) as adapter:
-            adapter.to(self.device)
+        with self.backend.size_variant(self.transformer, adapters, k, merge_lora=False) as adapter:
+            engines = self._engines(k, adapter.to(self.device))
             for args in cases:
-                pred, target = self._pair(adapter, k, args, base)
+                pred, target = self._pair(engines, args, base)
                 total += torch.nn.functional.mse_loss(pred, target).item()
         return total / len(cases)
 

@@ -1,25 +1,29 @@
 """Training data for the adapters: clean latents with their text embeddings, cached as safetensors shards.
 
-(a) ``--prompts FILE``: the base model generates the latents itself (the paper's approach).
-(b) ``--images DIR``: images encoded by the VAE; a ``name.txt`` beside ``name.png`` is its caption.
+(a) ``--prompts FILE``: the base model generates the latents itself (the paper's approach). FLUX: native-size
+    flow-matching Euler with the embedded guidance; Wan: native-size UniPC flow sampling with classifier-free
+    guidance against the profile's negative prompt, exactly as the Wan runtime samples.
+(b) ``--images DIR`` (FLUX only): images encoded by the VAE; a ``name.txt`` beside ``name.png`` is its caption.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ddit_profiles import DDiTError, FluxSpec
+from ddit_profiles import DDiTError, FluxSpec, WanSpec
 from ddit_runtime.manifest import sha256_file
 from ddit_runtime.sigmas import flux_sigmas
+from ddit_runtime.unipc import UniPCFlowSampler, wan_flow_sigmas, wan_flow_timesteps
 
 from .flux_model import FluxEngine, size_variant
-from .shapes import scene_from_seed
+from .shapes import OPPOSITE, clip_caption, scene_from_seed
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SHARD = 64  # samples per cache shard
@@ -28,6 +32,16 @@ SHARD = 64  # samples per cache shard
 def builtin_captions(count: int, seed: int = 0) -> list[str]:
     """Captions of the procedural shapes data set, for ``--model tiny`` runs without a prompt file."""
     return [scene_from_seed(seed * 1_000_003 + 500_000_000 + i).caption() for i in range(count)]
+
+
+def builtin_clip_captions(count: int, seed: int = 0) -> list[str]:
+    """Video captions of the procedural shapes data set (a group moving or turning another colour), for
+    ``ddit-train wan --model tiny`` without a prompt file: the scenes of ``builtin_captions``, each given a motion."""
+    out = []
+    for i in range(count):
+        scene = scene_from_seed(seed * 1_000_003 + 500_000_000 + i)
+        out.append(clip_caption(scene, "move" if scene.position in OPPOSITE and i % 2 == 0 else "recolour"))
+    return out
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -94,6 +108,59 @@ def generate_latents(
 
 
 @torch.no_grad()
+def encode_wan_prompts(parts: dict, spec: WanSpec, prompts: list[str], device, chunk: int = 16) -> torch.Tensor:
+    """prompts -> umT5 states [N, T, D] with padded positions zeroed: what the exported text encoder computes
+    (``Umt5Embeds``: right padding to ``t5_max_length``, the tokenizer's attention mask)."""
+    from .wan_export import Umt5Embeds
+
+    module = Umt5Embeds(parts["text_encoder"].to(device))
+    out = []
+    for start in range(0, len(prompts), chunk):
+        tok = parts["tokenizer"](
+            prompts[start : start + chunk],
+            padding="max_length",
+            max_length=spec.t5_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        out.append(module(tok.input_ids.to(device), tok.attention_mask.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def generate_wan_latents(
+    parts, spec: WanSpec, text, negative, frames: int, height: int, width: int, steps: int, seed: int, device, progress
+) -> torch.Tensor:
+    """The base model's own videos: native-size UniPC flow sampling from seeded noise, classifier-free guidance with
+    ``spec.guidance_scale`` against ``negative`` ([1, T, D], the negative prompt's states), as ``WanRuntime`` does
+    (batched cond/uncond, diffusers' integer timesteps) -> latents [N, 16, F_lat, h, w]."""
+    from .wan_model import WanEngine
+
+    transformer = parts["transformer"].to(device)
+    lh, lw = spec.latent_hw(height, width)
+    shape = (1, spec.latent_channels, spec.latent_frames(frames), lh, lw)
+    shift, scale = spec.flow_shift(height, width), spec.guidance_scale
+    sampler = UniPCFlowSampler(wan_flow_sigmas(steps, shift))
+    timesteps = wan_flow_timesteps(steps, shift).tolist()
+    guided = scale > 1.0
+    engine = WanEngine(transformer, spec, 1).to(device)
+    out = []
+    for i in tqdm(range(text.shape[0]), desc="generate latents", unit="video", disable=not progress):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        z = torch.randn(shape, generator=gen).to(device)
+        hidden = torch.cat([text[i : i + 1], negative]) if guided else text[i : i + 1]
+        hidden = hidden.to(device)
+        n = hidden.shape[0]
+        for j in range(steps):
+            v = engine(z.expand(n, *shape[1:]), torch.full((n,), float(timesteps[j]), device=device), hidden)
+            if guided:
+                v = v[1:] + scale * (v[:1] - v[1:])
+            z = sampler.step(v, j, z)
+        out.append(z.float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def encode_images(parts, spec: FluxSpec, images: list[Path], height: int, width: int, device) -> torch.Tensor:
     """Images -> scaled latents [N, 16, h, w] (resize and centre-crop to height x width, VAE mean)."""
     from PIL import Image
@@ -125,51 +192,55 @@ def _fingerprint(kind: str, items: list[str], settings: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_or_build(
-    cache: Path,
-    parts,
-    spec: FluxSpec,
-    source: dict,
-    height: int,
-    width: int,
-    gen_steps: int,
-    seed: int,
-    device,
-    progress: bool,
-) -> dict[str, torch.Tensor]:
-    """{'latent': [N,16,h,w], 't5': [N,T,D], 'pooled': [N,P]}: read from ``cache`` when it was built for the same
-    data and settings, else built and written there (shard by shard, each atomically)."""
+def load_or_build(cache: Path, source: dict, settings: dict, build: Callable[[], dict]) -> dict[str, torch.Tensor]:
+    """The training tensors (``latent`` [N, ...] plus the family's conditioning, each [N, ...]): read from ``cache``
+    when it was built for the same data and ``settings``, else ``build()`` and written there (shard by shard, each
+    atomically)."""
     if source["kind"] == "images":
-        images = source["images"]
-        items = [f"{p.name}:{sha256_file(p)}" for p in images]
+        items = [f"{p.name}:{sha256_file(p)}" for p in source["images"]]
     else:
         items = source["prompts"]
-    settings = dict(height=height, width=width, gen_steps=gen_steps, seed=seed, model=source["model_signature"])
     key = _fingerprint(source["kind"], items, settings)
     index = cache / f"{key}.json"
     if index.is_file():
         shards = json.loads(index.read_text())["shards"]
         if all((cache / s).is_file() for s in shards):
             parts_ = [load_file(str(cache / s)) for s in shards]
-            return {k: torch.cat([p[k] for p in parts_]) for k in ("latent", "t5", "pooled")}
+            return {k: torch.cat([p[k] for p in parts_]) for k in parts_[0]}
     cache.mkdir(parents=True, exist_ok=True)
-    prompts = image_captions(images) if source["kind"] == "images" else items
-    t5, pooled = encode_prompts(parts, spec, prompts, device)
-    if source["kind"] == "images":
-        latent = encode_images(parts, spec, images, height, width, device)
-    else:
-        latent = generate_latents(parts, spec, t5, pooled, height, width, gen_steps, seed, device, progress)
+    data = build()
+    count = data["latent"].shape[0]
     shards = []
-    for n, start in enumerate(range(0, latent.shape[0], SHARD)):
+    for n, start in enumerate(range(0, count, SHARD)):
         name = f"{key}-{n:05d}.safetensors"
         tmp = cache / f".{name}.partial"
-        chunk = {
-            "latent": latent[start : start + SHARD],
-            "t5": t5[start : start + SHARD],
-            "pooled": pooled[start : start + SHARD],
-        }
-        save_file({k: v.contiguous() for k, v in chunk.items()}, str(tmp))
+        save_file({k: v[start : start + SHARD].contiguous() for k, v in data.items()}, str(tmp))
         tmp.replace(cache / name)
         shards.append(name)
-    index.write_text(json.dumps({"shards": shards, "settings": settings, "count": latent.shape[0]}, indent=1))
+    index.write_text(json.dumps({"shards": shards, "settings": settings, "count": count}, indent=1))
+    return data
+
+
+def build_flux_data(parts, spec: FluxSpec, source: dict, cfg, device, progress: bool) -> dict[str, torch.Tensor]:
+    """{'latent': [N,16,h,w], 't5': [N,T,D], 'pooled': [N,P]} from prompts (generated) or images (VAE-encoded)."""
+    images = source.get("images")
+    prompts = image_captions(images) if images else source["prompts"]
+    t5, pooled = encode_prompts(parts, spec, prompts, device)
+    if images:
+        latent = encode_images(parts, spec, images, cfg.height, cfg.width, device)
+    else:
+        latent = generate_latents(
+            parts, spec, t5, pooled, cfg.height, cfg.width, cfg.gen_steps, cfg.seed, device, progress
+        )
     return {"latent": latent, "t5": t5, "pooled": pooled}
+
+
+def build_wan_data(parts, spec: WanSpec, source: dict, cfg, device, progress: bool) -> dict[str, torch.Tensor]:
+    """{'latent': [N,16,F_lat,h,w], 'text': [N,T,D]}: the base model's own videos of the prompts."""
+    text = encode_wan_prompts(parts, spec, source["prompts"], device)
+    negative = encode_wan_prompts(parts, spec, [spec.negative_prompt], device)
+    parts["text_encoder"].to("cpu")  # umT5-XXL is about 23 GB in fp32: off the accelerator while the videos sample
+    latent = generate_wan_latents(
+        parts, spec, text, negative, cfg.frames, cfg.height, cfg.width, cfg.gen_steps, cfg.seed, device, progress
+    )
+    return {"latent": latent, "text": text}

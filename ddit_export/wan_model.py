@@ -169,8 +169,12 @@ class WanEngine(nn.Module):
         hidden = self._embed(padded).contiguous()
         temb, timestep_proj, context, _ = t.condition_embedder(timestep, encoder_hidden_states, None)
         timestep_proj = timestep_proj.unflatten(1, (6, -1))
+        checkpointing = torch.is_grad_enabled() and t.gradient_checkpointing  # as WanTransformer3DModel.forward
         for block in t.blocks:
-            hidden = block(hidden, context, timestep_proj, rotary)
+            if checkpointing:
+                hidden = t._gradient_checkpointing_func(block, hidden, context, timestep_proj, rotary)
+            else:
+                hidden = block(hidden, context, timestep_proj, rotary)
         shift, scale = (t.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         hidden = (t.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
         proj = self.adapter.unembed if self.adapter is not None else t.proj_out
