@@ -1,6 +1,6 @@
 """Classifier-free guidance as one batch of 2 or as two calls: median step time of each, side by side.
 
-    python benchmarks/wan_cfg.py ENGINES_DIR [--frames 9] [--steps 8] [--repeats 3] [--schedule 1]
+python benchmarks/wan_cfg.py ENGINES_DIR [--frames 9] [--steps 8] [--repeats 3] [--schedule 1]
 """
 
 from __future__ import annotations
@@ -23,8 +23,14 @@ def main(argv=None) -> None:
     times = {"batched": [], "two-pass": []}
     for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
         for mode in times:
-            result = runtime.generate("a red circle on a black background", frames=args.frames, steps=args.steps,
-                                      schedule=[args.schedule] * args.steps, cfg=mode, progress=False)
+            result = runtime.generate(
+                "a red circle on a black background",
+                frames=args.frames,
+                steps=args.steps,
+                schedule=[args.schedule] * args.steps,
+                cfg=mode,
+                progress=False,
+            )
             times[mode] += result.step_ms[1:]
     med = {mode: statistics.median(ts) for mode, ts in times.items()}
     for mode, ms in med.items():
