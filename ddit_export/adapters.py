@@ -14,6 +14,8 @@ from torch import nn
 
 from ddit_profiles import DDiTError, FluxSpec
 
+from .tiny import shipped_adapters
+
 ADAPTERS_FORMAT = "ddit-adapters/1"
 
 
@@ -215,3 +217,15 @@ def untrained_adapters(transformer, spec: FluxSpec, factors: list[int], rank: in
     return DDiTAdapters(
         sizes, {k: {} for k in sizes}, rank, float(rank), dict(model_signature(transformer, spec), trained="false")
     )
+
+
+def resolve_adapters(model: str, adapters_path, transformer, spec, factors) -> tuple:
+    """(adapters, path or None, trained): the given file, the tiny model's shipped one, or the untrained init."""
+    if adapters_path is None and model == "tiny":
+        adapters_path = shipped_adapters(spec.family)  # the embedded model ships its trained adapters, if built
+    if adapters_path == "none":
+        adapters_path = None
+    if not adapters_path:
+        return untrained_adapters(transformer, spec, list(factors)), None, False
+    adapters = load_adapters(adapters_path, transformer, spec, list(factors))
+    return adapters, Path(adapters_path), adapters.meta.get("trained", "true") == "true"

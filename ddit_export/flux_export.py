@@ -15,12 +15,11 @@ from tqdm.auto import tqdm
 from ddit_profiles import DDiTError, FluxSpec
 from ddit_runtime.manifest import sha256_file
 
-from .adapters import load_adapters, untrained_adapters
+from .adapters import resolve_adapters
 from .flux_model import FluxEngine, size_variant
 from .loading import load_flux
 from .manifest import staging_folder, write_manifest
-from .onnx_io import check_parity, double_tensors, export_onnx
-from .tiny import shipped_adapters
+from .onnx_io import check_graph_dtypes, check_parity, export_onnx
 
 
 class ClipPooled(nn.Module):
@@ -176,15 +175,7 @@ def export_flux(
     started = time.time()
     parts = load_flux(model, spec)
     transformer = parts["transformer"]
-    if adapters_path is None and model == "tiny":
-        adapters_path = shipped_adapters(spec.family)  # the embedded model ships its trained adapters
-    if adapters_path == "none":
-        adapters_path = None
-    if adapters_path:
-        adapters = load_adapters(adapters_path, transformer, spec, list(factors))
-        trained = adapters.meta.get("trained", "true") == "true"
-    else:
-        adapters, trained = untrained_adapters(transformer, spec, list(factors)), False
+    adapters, adapters_file, trained = resolve_adapters(model, adapters_path, transformer, spec, factors)
     components: dict = {"transformer": {}}
     with staging_folder(out_dir, force) as folder:
         tasks = [f"transformer k={k}" for k in factors] + ["text encoders", "vae decoder"]
@@ -198,14 +189,11 @@ def export_flux(
                 components |= _export_text(parts, spec, folder)
             else:
                 components["vae_decoder"] = _export_vae(parts, spec, folder)
-        doubles = {p.name: d for p in folder.glob("*.onnx") if (d := double_tensors(p))}
-        if doubles:
-            name, found = next(iter(doubles.items()))
-            raise DDiTError(f"{name} contains float64 tensors ({', '.join(found[:3])}); TensorRT cannot run it")
+        check_graph_dtypes(folder)
         source = dict(
             model=model,
-            adapters=Path(adapters_path).name if adapters_path else None,
-            adapters_sha256=sha256_file(Path(adapters_path)) if adapters_path else None,
+            adapters=adapters_file.name if adapters_file else None,
+            adapters_sha256=sha256_file(adapters_file) if adapters_file else None,
             adapters_trained=trained,
             initialisation="trained adapters"
             if trained

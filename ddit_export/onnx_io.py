@@ -121,3 +121,11 @@ def check_parity(path: Path, module, feeds: list[tuple], names: tuple[str, ...],
             )
     del session
     return worst
+
+
+def check_graph_dtypes(folder: Path) -> None:
+    """Refuse float64 and complex tensors in every graph: TensorRT runs neither."""
+    for path in sorted(folder.glob("*.onnx")):
+        for kind, found in (("float64", double_tensors(path)), ("complex", complex_tensors(path))):
+            if found:
+                raise DDiTError(f"{path.name} contains {kind} tensors ({', '.join(found[:3])}); TensorRT cannot run it")

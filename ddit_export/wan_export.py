@@ -16,10 +16,9 @@ from tqdm.auto import tqdm
 from ddit_profiles import DDiTError, WanSpec
 from ddit_runtime.manifest import sha256_file
 
-from .adapters import load_adapters, untrained_adapters
+from .adapters import resolve_adapters
 from .manifest import staging_folder, write_manifest
-from .onnx_io import check_parity, complex_tensors, double_tensors, export_onnx, ort_session
-from .tiny import shipped_adapters
+from .onnx_io import check_graph_dtypes, check_parity, export_onnx, ort_session
 from .wan_loading import load_wan
 from .wan_manifest import wan_blocks
 from .wan_model import WanEngine, wan_size_variant
@@ -209,26 +208,6 @@ def _export_vae(parts, spec: WanSpec, folder: Path) -> dict:
             "(video_i, caches); concatenate the videos along frames; cache_out_j feeds cache_in_j"
         ),
     )
-
-
-def resolve_adapters(model: str, adapters_path, transformer, spec: WanSpec, factors) -> tuple:
-    """(adapters, path or None, trained): the given file, the tiny model's shipped one, or the untrained init."""
-    if adapters_path is None and model == "tiny":
-        adapters_path = shipped_adapters(spec.family)  # the embedded model ships its trained adapters, if built
-    if adapters_path == "none":
-        adapters_path = None
-    if not adapters_path:
-        return untrained_adapters(transformer, spec, list(factors)), None, False
-    adapters = load_adapters(adapters_path, transformer, spec, list(factors))
-    return adapters, Path(adapters_path), adapters.meta.get("trained", "true") == "true"
-
-
-def check_graph_dtypes(folder: Path) -> None:
-    """Refuse float64 and complex tensors in every graph: TensorRT runs neither."""
-    for path in sorted(folder.glob("*.onnx")):
-        for kind, found in (("float64", double_tensors(path)), ("complex", complex_tensors(path))):
-            if found:
-                raise DDiTError(f"{path.name} contains {kind} tensors ({', '.join(found[:3])}); TensorRT cannot run it")
 
 
 def export_wan(

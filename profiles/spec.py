@@ -18,6 +18,28 @@ FLUX_TRANSFORMER_INPUTS = ("latent", "timestep", "guidance", "encoder_hidden_sta
 FLUX_TRANSFORMER_OUTPUTS = ("velocity",)
 
 
+def check_in_range(spec, height: int, width: int) -> None:
+    """One-line ``DDiTError`` unless ``height x width`` lies within the profile's min and max size."""
+    (h0, w0), (h1, w1) = spec.min_size, spec.max_size
+    if not (h0 <= height <= h1 and w0 <= width <= w1):
+        raise DDiTError(
+            f"resolution {height}x{width} is outside profile '{spec.name}' ({h0}x{w0} to {h1}x{w1}): "
+            f"pick a height and width in that range"
+        )
+
+
+def suggest_size(spec, height: int, width: int, mult: int) -> str:
+    """'HxW' with the multiples of ``mult`` nearest to the asked size, within the profile's range."""
+
+    def near(value: int, lo: int, hi: int) -> str:
+        down, up = (value // mult) * mult, math.ceil(value / mult) * mult
+        picks = [v for v in (down, up) if lo <= v <= hi]
+        return " or ".join(str(v) for v in dict.fromkeys(picks)) or str(lo)
+
+    (h0, w0), (h1, w1) = spec.min_size, spec.max_size
+    return f"{near(height, h0, h1)}x{near(width, w0, w1)}"
+
+
 @dataclass(frozen=True)
 class Tolerance:
     """ONNX-versus-torch parity bound: ``max|onnx - torch| <= atol + rtol * max|torch|``."""
@@ -140,24 +162,13 @@ class FluxSpec:
 
     def check_resolution(self, height: int, width: int, factors: tuple[int, ...]) -> None:
         """Raise a ``DDiTError`` naming valid sizes unless ``height x width`` is in range and tiles every factor."""
-        (h0, w0), (h1, w1) = self.min_size, self.max_size
-        if not (h0 <= height <= h1 and w0 <= width <= w1):
-            raise DDiTError(
-                f"resolution {height}x{width} is outside profile '{self.name}' ({h0}x{w0} to {h1}x{w1}): "
-                f"pick a height and width in that range"
-            )
+        check_in_range(self, height, width)
         mult = self.resolution_multiple(factors)
         if height % mult or width % mult:
             raise DDiTError(
                 f"resolution {height}x{width} does not tile patch sizes {list(factors)}: height and width must be "
-                f"multiples of {mult} pixels, e.g. {self._near(height, mult, h0, h1)}x{self._near(width, mult, w0, w1)}"
+                f"multiples of {mult} pixels, e.g. {suggest_size(self, height, width, mult)}"
             )
-
-    @staticmethod
-    def _near(value: int, mult: int, lo: int, hi: int) -> str:
-        down, up = (value // mult) * mult, math.ceil(value / mult) * mult
-        picks = [v for v in (down, up) if lo <= v <= hi]
-        return " or ".join(str(v) for v in dict.fromkeys(picks)) or str(lo)
 
     def token_range(self, factor: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """(min, opt, max) token-grid (rows, cols) at ``factor``: the dynamic-dim ranges of that engine."""

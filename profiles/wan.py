@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import DDiTError
-from .spec import FluxSpec, SchedulerDefaults, Tolerance, rebuild
+from .spec import FluxSpec, SchedulerDefaults, Tolerance, check_in_range, rebuild, suggest_size
 
 WAN_TRANSFORMER_INPUTS = ("latent", "timestep", "encoder_hidden_states")
 WAN_TRANSFORMER_OUTPUTS = ("velocity",)
@@ -123,17 +123,12 @@ class WanSpec:
 
         Coarse factors need no divisibility: their engines pad the latent (PAD policy) and crop the velocity.
         """
-        (h0, w0), (h1, w1) = self.min_size, self.max_size
-        if not (h0 <= height <= h1 and w0 <= width <= w1):
-            raise DDiTError(
-                f"resolution {height}x{width} is outside profile '{self.name}' ({h0}x{w0} to {h1}x{w1}): "
-                f"pick a height and width in that range"
-            )
+        check_in_range(self, height, width)
         mult = self.resolution_multiple(factors)
         if height % mult or width % mult:
             raise DDiTError(
                 f"resolution {height}x{width} is not a multiple of {mult} pixels (the VAE's 8 times the native patch "
-                f"2): use e.g. {_near(height, mult, h0, h1)}x{_near(width, mult, w0, w1)}"
+                f"2): use e.g. {suggest_size(self, height, width, mult)}"
             )
 
     def valid_frames(self) -> list[int]:
@@ -173,12 +168,6 @@ class WanSpec:
     @classmethod
     def from_dict(cls, d: dict) -> WanSpec:
         return rebuild(cls, d)
-
-
-def _near(value: int, mult: int, lo: int, hi: int) -> str:
-    down, up = (value // mult) * mult, math.ceil(value / mult) * mult
-    picks = [v for v in (down, up) if lo <= v <= hi]
-    return " or ".join(str(v) for v in dict.fromkeys(picks)) or str(lo)
 
 
 WAN = WanSpec(
