@@ -10,16 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.export import Dim
-from tqdm.auto import tqdm
 
 from ddit_profiles import DDiTError, FluxSpec
-from ddit_runtime.manifest import sha256_file
 
 from .adapters import resolve_adapters
 from .flux_model import FluxEngine, size_variant
 from .loading import load_flux
-from .manifest import staging_folder, write_manifest
-from .onnx_io import check_graph_dtypes, check_parity, export_onnx
+from .manifest import export_graphs, source_block, staging_folder, write_manifest
+from .onnx_io import check_parity, export_onnx
 
 
 class ClipPooled(nn.Module):
@@ -176,28 +174,16 @@ def export_flux(
     parts = load_flux(model, spec)
     transformer = parts["transformer"]
     adapters, adapters_file, trained = resolve_adapters(model, adapters_path, transformer, spec, factors)
-    components: dict = {"transformer": {}}
     with staging_folder(out_dir, force) as folder:
-        tasks = [f"transformer k={k}" for k in factors] + ["text encoders", "vae decoder"]
-        bar = tqdm(tasks, desc="export", unit="graph", disable=not progress)
-        for task in bar:
-            bar.set_postfix_str(task)
-            if task.startswith("transformer"):
-                k = int(task.split("=")[1])
-                components["transformer"][str(k)] = _export_transformer(parts, spec, adapters, k, folder)
-            elif task == "text encoders":
-                components |= _export_text(parts, spec, folder)
-            else:
-                components["vae_decoder"] = _export_vae(parts, spec, folder)
-        check_graph_dtypes(folder)
-        source = dict(
-            model=model,
-            adapters=adapters_file.name if adapters_file else None,
-            adapters_sha256=sha256_file(adapters_file) if adapters_file else None,
-            adapters_trained=trained,
-            initialisation="trained adapters"
-            if trained
-            else "untrained: PI-resize embedding, bilinear de-embedding, no LoRA",
+        components = export_graphs(
+            folder,
+            factors,
+            lambda k, dst: _export_transformer(parts, spec, adapters, k, dst),
+            lambda dst: _export_text(parts, spec, dst),
+            lambda dst: _export_vae(parts, spec, dst),
+            progress,
         )
+        untrained = "untrained: PI-resize embedding, bilinear de-embedding, no LoRA"
+        source = source_block(model, adapters_file, trained, untrained)
         manifest = write_manifest(folder, spec, factors, components, source, time.time() - started)
     return manifest

@@ -144,3 +144,39 @@ def write_manifest(
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def export_graphs(folder: Path, factors, transformer, text, vae, progress: bool) -> dict:
+    """Every graph of an engines folder under one progress bar, then the dtype check; returns ``components``.
+
+    ``transformer(k, folder)``, ``text(folder)`` (a dict of text components) and ``vae(folder)`` each export one
+    part and return its manifest entry.
+    """
+    from tqdm.auto import tqdm
+
+    from .onnx_io import check_graph_dtypes
+
+    components: dict = {"transformer": {}}
+    tasks = [(f"transformer k={k}", k) for k in factors] + [("text encoders", None), ("vae decoder", None)]
+    bar = tqdm(tasks, desc="export", unit="graph", disable=not progress)
+    for name, k in bar:
+        bar.set_postfix_str(name)
+        if k is not None:
+            components["transformer"][str(k)] = transformer(k, folder)
+        elif name == "text encoders":
+            components |= text(folder)
+        else:
+            components["vae_decoder"] = vae(folder)
+    check_graph_dtypes(folder)
+    return components
+
+
+def source_block(model: str, adapters_file: Path | None, trained: bool, untrained: str) -> dict:
+    """Where the weights came from: the model, the adapters file and its sha256, and whether it was trained."""
+    return dict(
+        model=model,
+        adapters=adapters_file.name if adapters_file else None,
+        adapters_sha256=sha256_file(adapters_file) if adapters_file else None,
+        adapters_trained=trained,
+        initialisation="trained adapters" if trained else untrained,
+    )
