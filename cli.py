@@ -123,6 +123,13 @@ def export_main(family, sizes, model, profile_name, adapters, output, force, qui
     help="'auto' (DDiT decides per step), a fixed factor such as 1 (the native baseline), or one factor "
     "per step such as 1,1,1,4,4,2,...",
 )
+@click.option(
+    "--teacache",
+    type=float,
+    default=None,
+    help="FLUX: also skip the transformer blocks on steps where TeaCache's rescaled signal change, accumulated, "
+    "stays under this threshold (0.25 / 0.4 / 0.6: faster as it grows). Composes with the patch schedule.",
+)
 @click.option("--frames", type=int, default=None, help="Wan: video frames, 4n+1 (default: the profile's).")
 @click.option("--negative-prompt", default=None, help="Wan: negative prompt for classifier-free guidance.")
 @click.option("--guidance-scale", type=float, default=None, help="Wan: classifier-free guidance scale (1 = off).")
@@ -161,6 +168,8 @@ def run_main(engines, prompt, output, steps, schedule, provider, no_verify, as_j
     check_prompt(prompt)
     family = peek_family(engines)
     if family == "wan":
+        if opts.pop("teacache") is not None:
+            raise DDiTError("--teacache is implemented for FLUX engines only so far; drop it for Wan")
         runtime, result, path = _run_wan(engines, prompt, output, steps, schedule, provider, no_verify, as_json, opts)
     else:
         wan_only = [k for k in ("frames", "negative_prompt", "guidance_scale", "frames_dir") if opts[k] is not None]
@@ -173,7 +182,7 @@ def run_main(engines, prompt, output, steps, schedule, provider, no_verify, as_j
         runtime = FluxRuntime(engines, provider=provider, verify=not no_verify)
         steps = runtime.spec.scheduler.steps if steps is None else steps
         fixed = parse_schedule(schedule, steps, runtime.sizes)
-        keys = ("seed", "height", "width", "guidance", "tau", "rho")
+        keys = ("seed", "height", "width", "guidance", "tau", "rho", "teacache")
         result = runtime.generate(
             prompt, steps=steps, schedule=fixed, progress=not as_json, **{k: opts[k] for k in keys}
         )
@@ -215,6 +224,7 @@ def _report(runtime, result, path, as_json: bool) -> None:
                     output=str(path),
                     engines=list(runtime.sizes),
                     coarse_fraction=round(coarse, 4),
+                    computed=result.computed or None,
                     device=str(runtime.device),
                     **result.settings,
                 )
@@ -224,7 +234,8 @@ def _report(runtime, result, path, as_json: bool) -> None:
         s = result.settings
         click.echo(
             f"wrote {path} ({s['height']}x{s['width']}, {s['steps']} steps, {result.total_s:.2f} s); "
-            f"schedule {''.join(map(str, result.schedule))}, {coarse:.0%} of steps coarse",
+            f"schedule {''.join(map(str, result.schedule))}, {coarse:.0%} of steps coarse"
+            + (f", {sum(result.computed)}/{len(result.computed)} steps computed" if not all(result.computed) else ""),
             err=True,
         )
 
@@ -346,14 +357,14 @@ def train_main(family, model, profile_name, sizes, output, eval_only, force, qui
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("family", metavar="FAMILY")
-@click.option("-o", "--output", default="build/tiny-flux", show_default=True, help="Working folder of the recipe.")
+@click.option("-o", "--output", default=None, help="Working folder of the recipe.  [default: build/tiny-FAMILY]")
 @click.option("--smoke", is_flag=True, help="A few steps per stage (about two minutes): checks the recipe runs.")
 @click.option("--install", is_flag=True, help="Copy the result into the package: what --model tiny then loads.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_one_line_errors
 def recipe_main(family, output, smoke, install, seed, quiet):
-    """Rebuild the embedded tiny FAMILY model from nothing, with fixed seeds (flux: about 90 minutes on 2 cores).
+    """Rebuild the embedded tiny FAMILY model (flux or wan) from nothing, with fixed seeds (about 90 minutes on 2 cores).
 
     Stages: tokenizers, frozen text encoders, VAE, latents, transformer (flow matching), DDiT adapters. A stage
     whose output exists in the working folder is skipped, so an interrupted recipe resumes where it stopped.
@@ -363,12 +374,96 @@ def recipe_main(family, output, smoke, install, seed, quiet):
     from ddit_profiles import profile_for
 
     spec = profile_for(family, "tiny")
-    from ddit_export.recipe import Recipe, RecipeSteps
+    if spec.family == "wan":
+        from ddit_export.wan_recipe import WanRecipe as Recipe
+        from ddit_export.wan_recipe import WanRecipeSteps as Steps
+    else:
+        from ddit_export.recipe import FluxRecipe as Recipe
+        from ddit_export.recipe import RecipeSteps as Steps
 
-    recipe = Recipe(spec, Path(output), RecipeSteps.smoke() if smoke else RecipeSteps(), seed, progress=not quiet)
+    output = Path(output or f"build/tiny-{spec.family}")
+    recipe = Recipe(spec, output, Steps.smoke() if smoke else Steps(), seed, progress=not quiet)
     recipe.run()
     if install:
         click.echo(f"installed into {recipe.install()}", err=True)
+
+
+def _float_list(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DDiTError(f"cannot parse {option} '{text}': give comma-separated numbers such as 0.25,0.4") from None
+    if not values or any(v < 0 for v in values):
+        raise DDiTError(f"{option} needs one or more numbers >= 0, got '{text}'")
+    return values
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("engines", metavar="ENGINES_DIR")
+@click.option("--prompts", "prompts_file", default=None, help="Text file, one prompt per line (default: built-in).")
+@click.option(
+    "--count",
+    type=int,
+    default=8,
+    show_default=True,
+    help="Built-in prompts: held-out captions of the shapes grammar, half simple, half detailed, scored by the "
+    "evaluator (ignored with --prompts).",
+)
+@click.option("--seeds", type=int, default=1, show_default=True, help="Seeds per prompt.")
+@click.option("--steps", type=int, default=None, help="Denoising steps (default: the manifest's).")
+@click.option("--taus", default=None, help="DDiT tau presets, comma-separated (default: tau/2, tau, 2 tau).")
+@click.option(
+    "--teacache-thresholds",
+    default=None,
+    help="TeaCache thresholds, comma-separated (default: the profile's presets, 0.25,0.4,0.6). FLUX only.",
+)
+@click.option(
+    "--provider",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="ONNX Runtime execution provider.",
+)
+@click.option("--json", "json_out", default=None, help="Write the full report (every run) as JSON here.")
+@click.option("--plot", "plot_out", default=None, help="Write quality-vs-speed and schedule plots (PNG) here.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_one_line_errors
+def bench_main(
+    engines, prompts_file, count, seeds, steps, taus, teacache_thresholds, provider, json_out, plot_out, quiet
+):
+    """Measure every schedule on ENGINES_DIR side by side, in one process, on the same prompts and seeds.
+
+    \b
+    Methods: the native fixed schedule (the baseline), fixed 2p and 4p, DDiT at each tau preset, TeaCache alone,
+    DDiT + TeaCache, and the baseline with fewer steps matched to DDiT's time (step reduction).
+    Reported: median step ms per patch size with its ratio to native, the bare engine's ratio, the FLOP-ideal
+    ratio from the profile's analytic count and the efficiency; end-to-end speedup; scheduler overhead; memory;
+    quality (PSNR/SSIM against the baseline's images, and the evaluator's score on the built-in prompts).
+
+    \b
+    Example:
+      ddit-bench engines/ --count 16 --json bench.json --plot bench.png
+    """
+    from ddit_export.bench import markdown, plot, run_bench, write_json
+
+    report = run_bench(
+        engines,
+        prompts_file,
+        count,
+        seeds,
+        steps,
+        _float_list(taus, "--taus"),
+        _float_list(teacache_thresholds, "--teacache-thresholds"),
+        provider,
+        progress=not quiet,
+    )
+    click.echo(markdown(report))
+    if json_out:
+        click.echo(f"wrote {write_json(report, json_out)}", err=True)
+    if plot_out:
+        click.echo(f"wrote {plot(report, plot_out)}", err=True)
 
 
 if __name__ == "__main__":

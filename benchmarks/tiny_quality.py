@@ -1,10 +1,11 @@
-"""Quality of the embedded tiny FLUX, and of DDiT on it, measured side by side in one run.
+"""Quality of an embedded tiny model (FLUX or Wan), and of DDiT on it, measured side by side in one run.
 
     python benchmarks/tiny_quality.py ENGINES_DIR [--captions 100] [--per-kind 50] [--steps 20] [--tau T] [--json F]
 
 For held-out captions (seeds never used in training) it generates the native fixed schedule and DDiT's schedule
-from the same seeds, scores both with the shapes evaluator, and reports SSIM/PSNR of DDiT against native and the
-mean fraction of coarse steps. Then it compares the coarse fraction of simple and detailed captions.
+from the same seeds, scores both with the shapes evaluator (per frame for Wan: ``evaluate_frames``, which adds
+the motion score), and reports SSIM/PSNR of DDiT against native (mean over frames for video) and the mean fraction
+of coarse steps. Then it compares the coarse fraction of simple and detailed captions.
 """
 
 from __future__ import annotations
@@ -15,32 +16,32 @@ import statistics
 import sys
 import time
 
-from ddit_export.evaluator import evaluate
+from ddit_export.bench import HELD_OUT_SEED, example, frames_of
 from ddit_export.quality import psnr, ssim
-from ddit_export.shapes import scene_from_seed
+from ddit_runtime.manifest import load_manifest
 from ddit_runtime.pipeline import FluxRuntime
-
-HELD_OUT_SEED = 900_000_000  # the recipe trains on seeds below 10^8
+from ddit_runtime.wan_pipeline import WanRuntime
 
 
 def _mean(xs):
     return statistics.fmean(xs) if xs else float("nan")
 
 
-def compare(runtime: FluxRuntime, seeds: list[int], simple: bool | None, steps: int, tau: float | None) -> dict:
+def compare(runtime, seeds: list[int], simple: bool | None, steps: int, tau: float | None) -> dict:
     rows = []
     for seed in seeds:
-        scene = scene_from_seed(seed, simple)
-        caption = scene.caption()
+        prompt = example(runtime.spec.family, seed, simple)
+        caption, score = prompt.text, prompt.score
         native = runtime.generate(caption, steps=steps, seed=seed, schedule=[1] * steps, progress=False)
         ddit = runtime.generate(caption, steps=steps, seed=seed, tau=tau, progress=False)
+        pairs = list(zip(frames_of(ddit.image), frames_of(native.image), strict=True))
         rows.append(
             dict(
                 caption=caption,
-                native=evaluate(native.image, scene),
-                ddit=evaluate(ddit.image, scene),
-                ssim=ssim(ddit.image, native.image),
-                psnr=psnr(ddit.image, native.image),
+                native=score(native.image),
+                ddit=score(ddit.image),
+                ssim=_mean([ssim(a, b) for a, b in pairs]),
+                psnr=_mean([psnr(a, b) for a, b in pairs]),
                 coarse=sum(k > 1 for k in ddit.schedule) / steps,
                 schedule=ddit.schedule,
                 native_s=native.total_s,
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     started = time.time()
-    runtime = FluxRuntime(args.engines, provider="cpu")
+    family = load_manifest(args.engines, verify=False).spec.family
+    runtime = (WanRuntime if family == "wan" else FluxRuntime)(args.engines, provider="cpu")
     steps = args.steps or runtime.spec.scheduler.steps
     base = HELD_OUT_SEED + args.offset
     overall = compare(runtime, list(range(base, base + args.captions)), None, steps, args.tau)

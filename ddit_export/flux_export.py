@@ -14,7 +14,7 @@ from torch.export import Dim
 from ddit_profiles import DDiTError, FluxSpec
 
 from .adapters import resolve_adapters
-from .flux_model import FluxEngine, size_variant
+from .flux_model import FluxEngine, FluxTeaCacheProbe, size_variant
 from .loading import load_flux
 from .manifest import export_graphs, source_block, staging_folder, write_manifest
 from .onnx_io import check_parity, export_onnx
@@ -86,7 +86,7 @@ def _export_transformer(parts, spec, adapters, factor, folder: Path) -> dict:
     }
     path = folder / f"transformer_k{factor}.onnx"
     with size_variant(transformer, adapters, factor) as adapter:
-        engine = FluxEngine(transformer, spec, factor, adapter).eval()
+        engine = FluxEngine(transformer, spec, factor, adapter, residual=True).eval()
         example = _transformer_inputs(spec, 2, *spec.opt_size, gen)
         files = export_onnx(
             engine, example, spec.transformer_inputs, spec.transformer_outputs, dynamic, path, spec.opset
@@ -95,7 +95,37 @@ def _export_transformer(parts, spec, adapters, factor, folder: Path) -> dict:
         err = check_parity(
             path, engine, feeds, spec.transformer_inputs, spec.transformer_tolerance, f"transformer k={factor}"
         )
-    return dict(onnx=path.name, files=[f.name for f in files], max_abs_error=err)
+        probe = _export_teacache_probe(transformer, spec, factor, adapter, engine, (dynamic, rows, cols), folder, gen)
+    return dict(onnx=path.name, files=[f.name for f in files], max_abs_error=err, teacache=probe)
+
+
+def _probe_inputs(engine: FluxEngine, feeds: tuple) -> tuple:
+    """The probe's inputs for one engine input tuple: the engine's own residual, so the probe's velocity must
+    reproduce the engine's velocity exactly (a check that the split is right)."""
+    latent, timestep, guidance, _, pooled = feeds
+    with torch.no_grad():
+        _, residual = engine(*feeds)
+    return latent, timestep, guidance, pooled, residual
+
+
+def _export_teacache_probe(transformer, spec, factor, adapter, engine, dims, folder: Path, gen) -> dict:
+    """``teacache_k{factor}.onnx``: ``FluxTeaCacheProbe`` under the same merged weights as the engine.
+    ``dims``: the engine's dynamic shapes and its token-grid Dims (rows, cols)."""
+    dynamic, rows, cols = dims
+    probe = FluxTeaCacheProbe(transformer, spec, factor, adapter).eval()
+    probe_dynamic = {k: dynamic[k] for k in ("latent", "timestep", "guidance", "pooled_projections")}
+    probe_dynamic["residual"] = {0: dynamic["latent"][0], 1: rows, 2: cols}
+    path = folder / f"teacache_k{factor}.onnx"
+    example = _probe_inputs(engine, _transformer_inputs(spec, 2, *spec.opt_size, gen))
+    files = export_onnx(probe, example, spec.teacache_inputs, spec.teacache_outputs, probe_dynamic, path, spec.opset)
+    feeds = [_probe_inputs(engine, _transformer_inputs(spec, b, h, w, gen)) for b, h, w in _parity_sizes(spec)]
+    err = check_parity(path, probe, feeds, spec.teacache_inputs, spec.transformer_tolerance, f"teacache k={factor}")
+    with torch.no_grad():  # the split is exact: the probe's velocity from the engine's residual is the engine's
+        args = _transformer_inputs(spec, 1, *spec.min_size, gen)
+        split = (probe(*_probe_inputs(engine, args))[1] - engine(*args)[0]).abs().max().item()
+    if split > spec.transformer_tolerance.bound(1.0):
+        raise DDiTError(f"teacache k={factor}: the probe's velocity differs from the engine's by {split:.3g}")
+    return dict(onnx=path.name, files=[f.name for f in files], max_abs_error=err, split_error=split)
 
 
 def _token_feeds(tokenizer, max_length: int, vocab: int, gen) -> list[tuple]:

@@ -51,33 +51,82 @@ def image_ids(rows: int, cols: int, factor: int, device=None) -> torch.Tensor:
 class FluxEngine(nn.Module):
     """latent [B,16,H,W], timestep [B] (sigma in [0,1]), guidance [B], T5 [B,T,D], pooled [B,P] -> velocity [B,16,H,W].
 
+    With ``residual=True`` (the exported graph) it also returns what the blocks added to the image tokens,
+    ``residual`` [B, rows_k, cols_k, D] (the input of ``norm_out`` minus the output of ``x_embedder``, tokens
+    row-major as packed): TeaCache's cache.
     Use inside ``size_variant(transformer, adapter)`` so the transformer carries size ``factor``'s adapters.
+    """
+
+    def __init__(
+        self, transformer, spec: FluxSpec, factor: int, adapter: SizeAdapter | None = None, residual: bool = False
+    ):
+        super().__init__()
+        self.transformer, self.spec, self.factor, self.adapter = transformer, spec, factor, adapter
+        self.residual = residual
+
+    def forward(self, latent, timestep, guidance, encoder_hidden_states, pooled_projections):
+        _, _, height, width = latent.shape
+        t = self.transformer
+        patch = self.spec.patch_pixels(self.factor)
+        tokens = pack(latent, patch)  # [B, N, C*patch^2]
+        img_ids = image_ids(height // patch, width // patch, self.factor, latent.device)
+        txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=latent.device)
+        seen: dict = {}
+        hooks = []
+        if self.residual:  # the diffusers forward stays untouched: read the two tensors as they pass (hooks -> None)
+            hooks.append(t.x_embedder.register_forward_hook(lambda m, args, out: seen.update(embedded=out)))
+            hooks.append(t.norm_out.register_forward_pre_hook(lambda m, args: seen.update(blocks=args[0])))
+        try:
+            out = t(
+                hidden_states=tokens,
+                encoder_hidden_states=encoder_hidden_states,
+                pooled_projections=pooled_projections,
+                timestep=timestep,
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                guidance=guidance,
+                return_dict=False,
+            )[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        velocity = unpack(out, patch, height, width)
+        if self.adapter is not None:
+            velocity = velocity + self.adapter.residual_velocity(latent)
+        if self.residual:
+            return velocity, (seen["blocks"] - seen["embedded"]).unflatten(1, (height // patch, width // patch))
+        return velocity
+
+
+class FluxTeaCacheProbe(nn.Module):
+    """Size ``factor``'s TeaCache probe: the cheap parts of the forward around a cached residual.
+
+    latent [B,16,H,W], timestep [B], guidance [B], pooled [B,P], residual [B,rows_k,cols_k,D] ->
+    (modulated [B,N_k,D]: block 0's modulated input norm1(x_embedder(tokens), temb), the signal;
+     velocity [B,16,H,W]: the head (norm_out, proj_out, unpack, adapter residual) on x_embedder(tokens) + residual).
+    Built inside the same ``size_variant`` as the size's ``FluxEngine``, so it sees the same merged weights.
     """
 
     def __init__(self, transformer, spec: FluxSpec, factor: int, adapter: SizeAdapter | None = None):
         super().__init__()
         self.transformer, self.spec, self.factor, self.adapter = transformer, spec, factor, adapter
 
-    def forward(self, latent, timestep, guidance, encoder_hidden_states, pooled_projections):
+    def forward(self, latent, timestep, guidance, pooled_projections, residual):
+        t = self.transformer
         _, _, height, width = latent.shape
         patch = self.spec.patch_pixels(self.factor)
-        tokens = pack(latent, patch)  # [B, N, C*patch^2]
-        img_ids = image_ids(height // patch, width // patch, self.factor, latent.device)
-        txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=latent.device)
-        out = self.transformer(
-            hidden_states=tokens,
-            encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections,
-            timestep=timestep,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=guidance,
-            return_dict=False,
-        )[0]
-        velocity = unpack(out, patch, height, width)
+        hidden = t.x_embedder(pack(latent, patch))
+        timestep = timestep.to(hidden.dtype) * 1000  # as FluxTransformer2DModel.forward
+        if t.config.guidance_embeds:
+            temb = t.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, pooled_projections)
+        else:
+            temb = t.time_text_embed(timestep, pooled_projections)
+        modulated = t.transformer_blocks[0].norm1(hidden, emb=temb)[0]
+        hidden = hidden + residual.flatten(1, 2)
+        velocity = unpack(t.proj_out(t.norm_out(hidden, temb)), patch, height, width)
         if self.adapter is not None:
             velocity = velocity + self.adapter.residual_velocity(latent)
-        return velocity
+        return modulated, velocity
 
 
 def _lora_layers(model):

@@ -375,3 +375,39 @@ def clip_caption(scene: Scene, motion: str, second_colour: str | None = None, st
         return f"{_subject(scene, minimal)} moving from {scene.position} to {OPPOSITE[scene.position]} on {bg}"
     location = "on" if minimal and scene.position == "center" else LOCATIONS[scene.position]
     return f"{_subject(scene, minimal)} turning {second} {location} {bg}"
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A video example: a scene, its motion and (``recolour``) the colour the group turns."""
+
+    scene: Scene
+    motion: str
+    second_colour: str | None = None
+
+    @property
+    def target(self) -> str:
+        """Where a ``move`` clip ends, or the colour a ``recolour`` clip turns."""
+        return OPPOSITE[self.scene.position] if self.motion == "move" else self.second_colour
+
+    def caption(self, style: str = "auto") -> str:
+        return clip_caption(self.scene, self.motion, self.second_colour, style)
+
+
+def sample_clip(rng: random.Random, simple: bool | None = None) -> Clip:
+    """A random clip: a :func:`sample_scene` scene; ``move`` half the time when its position allows, else
+    ``recolour`` to a uniformly chosen third colour."""
+    scene = sample_scene(rng, simple)
+    if scene.position in OPPOSITE and rng.random() < 0.5:
+        return Clip(scene, "move")
+    return Clip(scene, "recolour", rng.choice([c for c in COLOURS if c not in (scene.background, scene.colour)]))
+
+
+def make_clip_example(
+    seed: int, frames: int, size: int = 256, simple: bool | None = None
+) -> tuple[list[Image.Image], str, Clip]:
+    """(frames, caption, clip) of one seeded video example."""
+    rng = random.Random(seed)
+    clip = sample_clip(rng, simple)
+    video = render_clip(clip.scene, frames, size, clip.motion, rng.randrange(1 << 30), clip.second_colour)
+    return video, clip.caption(), clip

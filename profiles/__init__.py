@@ -2,7 +2,7 @@
 
 from .errors import DDiTError
 from .flux import FLUX, FLUX_TINY
-from .spec import FlowShift, FluxSpec, SchedulerDefaults, Tolerance
+from .spec import FlowShift, FluxSpec, SchedulerDefaults, TeaCacheSpec, Tolerance
 from .wan import WAN, WAN_TINY, WanSpec
 
 #: Any family's spec (they share ``name``, ``family``, ``check_factors``, ``patch_pixels``, ``to_dict``...).
@@ -52,6 +52,7 @@ __all__ = [
     "SPEC_CLASSES",
     "SchedulerDefaults",
     "Spec",
+    "TeaCacheSpec",
     "Tolerance",
     "WanSpec",
     "get_profile",

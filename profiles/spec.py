@@ -15,7 +15,10 @@ from .errors import DDiTError
 
 #: Names of the transformer engine's inputs and outputs: one contract for every patch factor.
 FLUX_TRANSFORMER_INPUTS = ("latent", "timestep", "guidance", "encoder_hidden_states", "pooled_projections")
-FLUX_TRANSFORMER_OUTPUTS = ("velocity",)
+FLUX_TRANSFORMER_OUTPUTS = ("velocity", "residual")  # residual: what the blocks added, for TeaCache
+#: The per-size TeaCache probe: the cheap signal, and the velocity from a cached residual.
+FLUX_TEACACHE_INPUTS = ("latent", "timestep", "guidance", "pooled_projections", "residual")
+FLUX_TEACACHE_OUTPUTS = ("modulated", "velocity")
 
 
 def check_in_range(spec, height: int, width: int) -> None:
@@ -63,6 +66,28 @@ class SchedulerDefaults:
 
 
 @dataclass(frozen=True)
+class TeaCacheSpec:
+    """TeaCache (Liu et al. 2024): skip the transformer blocks while the accumulated, rescaled relative L1 change
+    of a cheap per-step signal stays under a threshold, and reuse the residual the blocks last added.
+
+    ``coefficients`` (highest power first) map the signal's relative L1 change to the output's; the published
+    fits are FLUX.1-dev's (block 0's modulated input) and Wan 2.1 1.3B's (the timestep embedding).
+    ``presets`` are the thresholds ``ddit-bench`` sweeps, slow to fast.
+    """
+
+    signal: str = "block0_modulated"
+    coefficients: tuple[float, ...] = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+    presets: tuple[float, ...] = (0.25, 0.4, 0.6)
+
+    def rescale(self, x: float) -> float:
+        """The polynomial at ``x`` (Horner)."""
+        out = 0.0
+        for c in self.coefficients:
+            out = out * x + c
+        return out
+
+
+@dataclass(frozen=True)
 class FlowShift:
     """FLUX's resolution-dependent shift: ``mu = m * seq_len + b`` through (base_seq, base_shift), (max_seq, max_shift)."""
 
@@ -85,6 +110,11 @@ class FluxSpec:
     hub_id: str | None
     description: str
     # Architecture facts (diffusers FluxTransformer2DModel, CLIP-L, T5, AutoencoderKL).
+    num_layers: int = 19  # double-stream blocks
+    num_single_layers: int = 38
+    num_heads: int = 24
+    head_dim: int = 128
+    mlp_ratio: float = 4.0
     latent_channels: int = 16
     vae_scale_factor: int = 8
     native_patch: int = 2  # latent pixels per token side at the native size (the 2x2 packing)
@@ -112,6 +142,9 @@ class FluxSpec:
     family: str = "flux"
     transformer_inputs: tuple[str, ...] = FLUX_TRANSFORMER_INPUTS
     transformer_outputs: tuple[str, ...] = FLUX_TRANSFORMER_OUTPUTS
+    teacache: TeaCacheSpec = TeaCacheSpec()
+    teacache_inputs: tuple[str, ...] = FLUX_TEACACHE_INPUTS
+    teacache_outputs: tuple[str, ...] = FLUX_TEACACHE_OUTPUTS
 
     # ---- shape arithmetic -------------------------------------------------------------------------------------
 
@@ -178,6 +211,27 @@ class FluxSpec:
         """Native token count, which sets FLUX's shift ``mu`` whatever patch size a step uses."""
         return self.tokens_for(1, height, width)
 
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def step_flops(self, factor: int, height: int, width: int, batch: int = 1) -> float:
+        """Analytic FLOPs (2 per multiply-add) of one transformer call at patch factor ``factor``.
+
+        With N image tokens, T text tokens, L = N + T and width D, MLP width r*D:
+        a double block runs per stream qkv (3D^2), out (D^2) and the MLP (2rD^2) on its own tokens, so
+        (4 + 2r) D^2 per token of L; a single block runs qkv (3D^2), the MLP in (rD^2) and the fused out
+        ((1 + r) D^2), the same (4 + 2r) D^2 per token. Attention over L is 4 L^2 D either way (QK^T and AV).
+        Plus the embeddings (x_embedder, context_embedder) and proj_out. AdaLN modulation acts on one vector per
+        sample and is left out (it does not scale with tokens).
+        """
+        n = self.tokens_for(factor, height, width)
+        t, d = self.t5_max_length, self.inner_dim
+        seq = n + t
+        per_block = 2 * (4 + 2 * self.mlp_ratio) * d * d * seq + 4 * seq * seq * d
+        embed = 2 * n * self.token_channels(factor) * d * 2 + 2 * t * self.joint_attention_dim * d
+        return batch * ((self.num_layers + self.num_single_layers) * per_block + embed)
+
     # ---- serialisation (the manifest carries the spec) --------------------------------------------------------
 
     def to_dict(self) -> dict:
@@ -191,6 +245,8 @@ class FluxSpec:
         try:
             kw["scheduler"] = SchedulerDefaults(**kw["scheduler"])
             kw["shift"] = FlowShift(**kw["shift"])
+            if "teacache" in kw:  # absent from manifests written before TeaCache
+                kw["teacache"] = _teacache(kw["teacache"])
             for key in ("transformer_tolerance", "text_tolerance", "vae_tolerance"):
                 kw[key] = Tolerance(**kw[key])
             for key in (
@@ -200,8 +256,11 @@ class FluxSpec:
                 "max_size",
                 "transformer_inputs",
                 "transformer_outputs",
+                "teacache_inputs",
+                "teacache_outputs",
             ):
-                kw[key] = tuple(kw[key])
+                if key in kw:
+                    kw[key] = tuple(kw[key])
             return cls(**kw)
         except (KeyError, TypeError) as e:
             raise DDiTError(f"the manifest's profile block is malformed ({e}): re-export the engines folder") from None
@@ -217,10 +276,16 @@ def rebuild(cls, d: dict):
         for f in dataclasses.fields(cls):
             if f.name not in kw:
                 continue
-            if isinstance(f.default, (Tolerance, SchedulerDefaults, FlowShift)):
+            if isinstance(f.default, TeaCacheSpec):
+                kw[f.name] = _teacache(kw[f.name])
+            elif isinstance(f.default, (Tolerance, SchedulerDefaults, FlowShift)):
                 kw[f.name] = type(f.default)(**kw[f.name])
             elif isinstance(f.default, tuple):
                 kw[f.name] = tuple(tuple(v) if isinstance(v, list) else v for v in kw[f.name])
         return cls(**kw)
     except (KeyError, TypeError) as e:
         raise DDiTError(f"the manifest's profile block is malformed ({e}): re-export the engines folder") from None
+
+
+def _teacache(d: dict) -> TeaCacheSpec:
+    return TeaCacheSpec(d["signal"], tuple(d["coefficients"]), tuple(d["presets"]))

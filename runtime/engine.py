@@ -51,6 +51,13 @@ class OrtEngine:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.binding = self.session.io_binding()
 
+    def output_dim(self, name: str) -> int:
+        """The static last dimension of output ``name`` (e.g. the transformer's width for ``residual``)."""
+        shape = next(o.shape for o in self.session.get_outputs() if o.name == name)
+        if not isinstance(shape[-1], int):
+            raise DDiTError(f"{self.name}: output {name} has a dynamic last dimension; re-export it")
+        return shape[-1]
+
     def _bind(self, bind, name: str, tensor: torch.Tensor) -> None:
         if not tensor.is_contiguous():
             raise ValueError(f"{self.name}: tensor for {name} must be contiguous")

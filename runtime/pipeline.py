@@ -19,6 +19,7 @@ from .engine import OrtEngine, pick_device
 from .manifest import Manifest, load_manifest
 from .scheduler import PatchScheduler
 from .sigmas import flux_sigmas
+from .teacache import TeaCache
 from .text import PromptTokenizer, check_prompt
 
 
@@ -31,6 +32,7 @@ class Generation:
     step_ms: list[float]
     total_s: float
     settings: dict = field(default_factory=dict)
+    computed: list[bool] = field(default_factory=list)  # per step: the blocks ran (False: TeaCache reused)
 
 
 class FluxRuntime:
@@ -49,6 +51,7 @@ class FluxRuntime:
             )
         self.sizes = wanted
         self.engines = {k: OrtEngine(self.manifest.transformer_path(k), self.device) for k in self.sizes}
+        self.probes: dict[int, OrtEngine] = {}  # TeaCache probes, loaded on first use
         self.text = {name: self._text_component(name) for name in ("text_encoder", "text_encoder_2")}
         self.vae = OrtEngine(self.manifest.path(self.manifest.component("vae_decoder")["onnx"]), self.device)
 
@@ -70,6 +73,17 @@ class FluxRuntime:
         t5_tok, t5 = self.text["text_encoder_2"]
         return t5(input_ids=t5_tok(prompt)).contiguous(), clip(input_ids=clip_tok(prompt)).contiguous()
 
+    def _probe(self, factor: int) -> OrtEngine:
+        if factor not in self.probes:
+            meta = self.manifest.data["components"]["transformer"][str(factor)].get("teacache")
+            if meta is None or "residual" not in self.engines[factor].output_names:
+                raise DDiTError(
+                    f"engines folder '{self.manifest.folder}' has no TeaCache probes (exported before TeaCache): "
+                    "re-export it with ddit-export to use --teacache"
+                )
+            self.probes[factor] = OrtEngine(self.manifest.path(meta["onnx"]), self.device)
+        return self.probes[factor]
+
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """latent [1, 16, h, w] -> image [3, 8h, 8w] uint8 on the CPU."""
         scaled = latent / self.spec.vae_scaling_factor + self.spec.vae_shift_factor
@@ -87,9 +101,11 @@ class FluxRuntime:
         tau: float | None = None,
         rho: float | None = None,
         schedule: list[int] | None = None,
+        teacache: float | None = None,
         progress: bool = True,
     ) -> Generation:
-        """Run the whole pipeline. ``schedule`` fixes the factor per step; None lets the DDiT scheduler choose."""
+        """Run the whole pipeline. ``schedule`` fixes the factor per step; None lets the DDiT scheduler choose.
+        ``teacache`` (a threshold such as 0.25 / 0.4 / 0.6) also skips the blocks on steps TeaCache deems cheap."""
         spec, defaults = self.spec, self.spec.scheduler
         height = spec.opt_size[0] if height is None else height
         width = spec.opt_size[1] if width is None else width
@@ -103,10 +119,15 @@ class FluxRuntime:
             raise DDiTError(f"--rho is a quantile and must be in [0, 1], got {rho}")
         if schedule is not None and len(schedule) != steps:
             raise DDiTError(f"the schedule has {len(schedule)} entries for {steps} steps: give one per step")
+        cache = None
+        if teacache is not None:
+            cache = TeaCache(teacache, spec.teacache.coefficients, steps)
+            for k in self.sizes if schedule is None else sorted(set(schedule)):
+                self._probe(k)  # fail before any work when the folder has no probes
         started = time.perf_counter()
         t5, pooled = self.encode(prompt)
-        latent, step_ms, used = self._denoise(
-            t5, pooled, height, width, steps, seed, guidance, tau, rho, schedule, progress
+        latent, step_ms, used, computed = self._denoise(
+            t5, pooled, height, width, steps, seed, guidance, tau, rho, schedule, cache, progress
         )
         image = self.decode(latent)
         settings = dict(
@@ -119,10 +140,25 @@ class FluxRuntime:
             tau=tau,
             rho=rho,
             schedule_mode="auto" if schedule is None else "fixed",
+            teacache=teacache,
         )
-        return Generation(image, used, step_ms, time.perf_counter() - started, settings)
+        if cache is not None:
+            settings["teacache_forced_by_switch"] = cache.forced_by_switch
+        return Generation(image, used, step_ms, time.perf_counter() - started, settings, computed)
 
-    def _denoise(self, t5, pooled, height, width, steps, seed, guidance, tau, rho, schedule, progress):
+    def _buffers(self, factor: int, height: int, width: int) -> dict[str, torch.Tensor]:
+        """Size ``factor``'s residual (and TeaCache signal) buffers [1, rows, cols, D] / [1, N, D], zeroed."""
+        rows, cols = self.spec.token_grid(factor, height, width)
+        engine = self.engines[factor]
+        if "residual" not in engine.output_names:  # folders exported before TeaCache
+            return {}
+        dim = engine.output_dim("residual")
+        return {
+            "residual": torch.zeros(1, rows, cols, dim, device=self.device),
+            "modulated": torch.zeros(1, rows * cols, dim, device=self.device),
+        }
+
+    def _denoise(self, t5, pooled, height, width, steps, seed, guidance, tau, rho, schedule, cache, progress):
         spec, dev = self.spec, self.device
         lh, lw = spec.latent_hw(height, width)
         gen = torch.Generator("cpu").manual_seed(seed)
@@ -137,15 +173,24 @@ class FluxRuntime:
             "encoder_hidden_states": t5,
             "pooled_projections": pooled,
         }
+        buffers = {k: self._buffers(k, height, width) for k in self.sizes}
         scheduler = PatchScheduler(self.sizes, spec.native_patch, tau, rho, spec.scheduler.warmup)
         if schedule is None:
             scheduler.observe(latent)
-        used, step_ms = [], []
+        used, step_ms, computed = [], [], []
         for i in tqdm(range(steps), desc="denoise", unit="step", disable=not progress, leave=False):
             t0 = time.perf_counter()
-            factor = scheduler.next_factor() if schedule is None else schedule[i]  # the one host read per step
+            factor = scheduler.next_factor() if schedule is None else schedule[i]  # a host read
             timestep.fill_(sigmas[i])
-            self.engines[factor].run(feeds, {"velocity": velocity})
+            buf = buffers[factor]
+            compute = True
+            if cache is not None:  # the probe: the signal, and the velocity from the cached residual
+                self.probes[factor].run(
+                    feeds | {"residual": buf["residual"]}, {"modulated": buf["modulated"], "velocity": velocity}
+                )
+                compute = cache.should_compute(buf["modulated"], i, factor)  # a second host read
+            if compute:
+                self.engines[factor].run(feeds, {"velocity": velocity} | {k: buf[k] for k in ("residual",) if k in buf})
             latent.add_(velocity, alpha=sigmas[i + 1] - sigmas[i])  # Euler: z += (sigma_next - sigma) * v
             if schedule is None:
                 scheduler.observe(latent)
@@ -153,4 +198,5 @@ class FluxRuntime:
                 torch.cuda.synchronize(dev)  # honest step times; the GPU queue is empty here anyway
             step_ms.append((time.perf_counter() - t0) * 1000)
             used.append(factor)
-        return latent, step_ms, used
+            computed.append(compute)
+        return latent, step_ms, used, computed

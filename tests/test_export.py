@@ -69,12 +69,30 @@ def test_transformer_graphs_share_one_dynamic_io_contract(tiny_engines):
         "encoder_hidden_states",
         "pooled_projections",
         "velocity",
+        "residual",  # what the blocks added: TeaCache's cache, at the size's own token grid
+    ]
+
+
+def test_teacache_probes_share_one_io_contract(tiny_engines):
+    signatures = []
+    for k in (1, 2, 4):
+        model = onnx.load(str(tiny_engines / f"teacache_k{k}.onnx"), load_external_data=False)
+        signatures.append([v.name for v in list(model.graph.input) + list(model.graph.output)])
+    assert signatures[0] == signatures[1] == signatures[2]
+    assert signatures[0] == [
+        "latent",
+        "timestep",
+        "guidance",
+        "pooled_projections",
+        "residual",
+        "modulated",
+        "velocity",
     ]
 
 
 def test_no_float64_anywhere(tiny_engines):
     graphs = sorted(tiny_engines.glob("*.onnx"))
-    assert len(graphs) == 6
+    assert len(graphs) == 9  # 3 transformers, 3 TeaCache probes, 2 text encoders, the VAE decoder
     for path in graphs:
         assert double_tensors(path) == [], path.name
 

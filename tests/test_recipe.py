@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ddit_export.adapters import load_adapters
 from ddit_export.loading import load_flux
@@ -34,6 +35,33 @@ def test_smoke_recipe_installs_atomically(tmp_path, tiny_spec):
     target = recipe.install(tmp_path / "pkg" / "flux")
     assert (target / "model_index.json").is_file() and (target / "adapters.safetensors").is_file()
     assert not any(p.name.startswith(".") for p in target.parent.iterdir())
+
+
+def test_smoke_wan_recipe_builds_a_loadable_model_and_resumes(tmp_path, capsys):
+    from diffusers import AutoencoderKLWan
+
+    from ddit_export.wan_loading import load_wan
+    from ddit_export.wan_recipe import WanRecipe, WanRecipeSteps
+    from ddit_profiles import get_profile
+
+    spec, out = get_profile("wan-tiny"), tmp_path / "wan"
+    summary = WanRecipe(spec, out, WanRecipeSteps.smoke(), seed=0, progress=False).run()
+    parts = load_wan(str(out / "model"), spec)  # the real from_pretrained path, checked against the profile
+    defaults = AutoencoderKLWan(
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in spec.tiny_configs["vae"].items()}
+    )
+    assert parts["vae"].config.latents_mean != defaults.config.latents_mean  # measured on the trained VAE
+    assert all(s > 0 for s in parts["vae"].config.latents_std)
+    data = load_file(str(out / "latents.safetensors"))
+    assert data["latent"].shape == (6, 16, spec.latent_frames(spec.opt_frames), 32, 32)
+    assert data["negative"].shape == (1, spec.t5_max_length, spec.text_dim)
+    adapters = load_adapters(out / "adapters" / "adapters.safetensors", parts["transformer"], spec, [1, 2, 4])
+    assert adapters.factors == [2, 4] and set(summary["adapters_eval"]) == {"2", "4"}
+    assert set(summary["text_encoders"]) == {"umt5_accuracy"}
+    capsys.readouterr()
+    WanRecipe(spec, out, WanRecipeSteps.smoke(), seed=0, progress=False).run()
+    log = capsys.readouterr().out
+    assert "training" not in log and "encoding" not in log, log
 
 
 shipped = pytest.mark.skipif(shipped_model() is None, reason="no trained tiny model in the package yet")

@@ -93,7 +93,7 @@ def test_conv3d_pi_resize_preserves_inner_products(wan_parts, wan_spec, k):
 def test_deembedding_init_is_bilinear_upsample_in_wan_order(wan_parts, wan_spec, k):
     transformer = wan_parts["transformer"]
     adapter = untrained_adapters(transformer, wan_spec, [1, k]).sizes[k]
-    q, h = wan_spec.patch_pixels(k), torch.randn(7, 64)
+    q, h = wan_spec.patch_pixels(k), torch.randn(7, wan_spec.num_heads * wan_spec.head_dim)
     with torch.no_grad():
         native = transformer.proj_out(h).reshape(7, 2, 2, 16).permute(0, 3, 1, 2)  # (ph, pw, c) -> [7, C, 2, 2]
         coarse = adapter.unembed(h).reshape(7, q, q, 16).permute(0, 3, 1, 2)
@@ -101,9 +101,9 @@ def test_deembedding_init_is_bilinear_upsample_in_wan_order(wan_parts, wan_spec,
     torch.testing.assert_close(coarse.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_lora_targets_are_the_blocks_ffn_linears(wan_parts):
+def test_lora_targets_are_the_blocks_ffn_linears(wan_parts, wan_spec):
     targets = lora_targets(wan_parts["transformer"])
-    assert targets == [f"blocks.{i}.ffn.{n}" for i in range(2) for n in ("net.0.proj", "net.2")]
+    assert targets == [f"blocks.{i}.ffn.{n}" for i in range(wan_spec.num_layers) for n in ("net.0.proj", "net.2")]
     for name in targets:
         assert isinstance(wan_parts["transformer"].get_submodule(name), torch.nn.Linear)
 
@@ -189,7 +189,7 @@ def test_local_folder_loads_the_same_model(tmp_path, wan_parts, wan_spec):
     for name in ("transformer", "text_encoder", "vae"):
         a, b = wan_parts[name].state_dict(), parts[name].state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), name
-    with pytest.raises(DDiTError, match="num_layers is 2, expected 30") as err:
+    with pytest.raises(DDiTError, match=f"num_layers is {wan_spec.num_layers}, expected 30") as err:
         load_wan(str(folder), get_profile("wan"))
     assert "\n" not in str(err.value)
 

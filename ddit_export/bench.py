@@ -1,0 +1,422 @@
+"""``ddit-bench``: speed and quality of every schedule on one engines folder, side by side, in one process.
+
+On the same prompts and seeds it runs the native fixed schedule (the baseline), the fixed coarse schedules, DDiT at
+each tau preset, TeaCache alone, DDiT + TeaCache, and the baseline with fewer steps matched to DDiT's time. For each
+it reports step times per patch size against the FLOP-ideal ratios from the profile, end-to-end speedup, the
+scheduler's overhead, memory, and quality: PSNR/SSIM against the baseline's images, plus the shapes evaluator's
+score when the prompts are the built-in held-out captions (the embedded tiny models are trained on that grammar).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ddit_profiles import DDiTError
+
+from .evaluator import evaluate, evaluate_frames
+from .quality import psnr, ssim
+from .shapes import sample_clip, scene_from_seed
+
+HELD_OUT_SEED = 900_000_000  # the recipes train on seeds below 10^8
+
+
+@dataclass
+class Prompt:
+    """One benchmark prompt; ``score`` rates an output with the shapes evaluator (None for user prompts)."""
+
+    text: str
+    score: object = None
+    simple: bool | None = None
+
+
+def example(family: str, seed: int, simple: bool | None = None) -> Prompt:
+    """The held-out image (FLUX) or clip (Wan) example of ``seed``: its caption and its evaluator."""
+    if family == "wan":
+        clip = sample_clip(random.Random(seed), simple)
+        return Prompt(
+            clip.caption(),
+            lambda video: evaluate_frames(list(video), clip.scene, clip.motion, clip.second_colour),
+            simple,
+        )
+    scene = scene_from_seed(seed, simple)
+    return Prompt(scene.caption(), lambda image: evaluate(image, scene), simple)
+
+
+def builtin_prompts(family: str, count: int, offset: int = 0) -> list[Prompt]:
+    """Held-out captions of the shapes grammar, alternating simple and detailed, each with its evaluator."""
+    return [example(family, HELD_OUT_SEED + offset + i, i % 2 == 0) for i in range(count)]
+
+
+def read_prompt_file(path: str) -> list[Prompt]:
+    p = Path(path)
+    if not p.is_file():
+        raise DDiTError(f"prompt file '{path}' does not exist: give a text file with one prompt per line")
+    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise DDiTError(f"prompt file '{path}' has no prompts: put one prompt per line")
+    return [Prompt(line) for line in lines]
+
+
+def frames_of(output: torch.Tensor) -> list[torch.Tensor]:
+    """An image [3, H, W] or a video [F, 3, H, W] -> a list of images."""
+    return [output] if output.dim() == 3 else list(output)
+
+
+def _rss_mb() -> float:
+    """Resident memory of this process now (Linux), in MiB; NaN where /proc is missing."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _median(xs) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x == x and x != float("inf")]
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def _psnr_mean(xs) -> float:
+    """Mean PSNR over the finite values; inf when every image was identical to the baseline's."""
+    finite = [x for x in xs if x != float("inf")]
+    return statistics.fmean(finite) if finite else float("inf")
+
+
+@dataclass
+class Method:
+    name: str
+    kind: str  # baseline | fixed | ddit | teacache | ddit+teacache | fewer-steps
+    options: dict
+    runs: list = field(default_factory=list)
+
+
+class Bench:
+    """Runs the methods on one runtime; ``report()`` aggregates. Generation settings come from the profile."""
+
+    def __init__(self, runtime, prompts: list[Prompt], seeds: int, steps: int | None, progress: bool = True):
+        self.runtime, self.prompts, self.seeds, self.progress = runtime, prompts, seeds, progress
+        self.spec = runtime.spec
+        self.steps = steps or self.spec.scheduler.steps
+        self.family = self.spec.family
+        self.height, self.width = self.spec.opt_size
+        self.teacache = self.family == "flux"  # the Wan runtime has no TeaCache yet
+        self.native: dict[tuple[int, int], torch.Tensor] = {}
+
+    # ---- running ----------------------------------------------------------------------------------------------------
+
+    def _generate(self, prompt: Prompt, seed: int, options: dict):
+        opts = dict(options)
+        steps = opts.pop("steps", self.steps)
+        return self.runtime.generate(prompt.text, steps=steps, seed=seed, progress=False, **opts)
+
+    def run_method(self, method: Method) -> Method:
+        jobs = [(i, p, s) for i, p in enumerate(self.prompts) for s in range(self.seeds)]
+        for i, prompt, seed in tqdm(jobs, desc=method.name, disable=not self.progress, leave=False):
+            result = self._generate(prompt, seed, method.options)
+            if method.kind == "baseline":
+                self.native[(i, seed)] = result.image
+            ref = self.native[(i, seed)]
+            pairs = list(zip(frames_of(result.image), frames_of(ref), strict=True))
+            method.runs.append(
+                dict(
+                    prompt=i,
+                    seed=seed,
+                    total_s=result.total_s,
+                    denoise_s=sum(result.step_ms) / 1000,
+                    step_ms=result.step_ms,
+                    schedule=result.schedule,
+                    computed=result.computed or [True] * len(result.schedule),
+                    forced=result.settings.get("teacache_forced_by_switch", 0),
+                    score=prompt.score(result.image) if prompt.score else None,
+                    ssim=_mean([ssim(a, b) for a, b in pairs]),
+                    psnr=_psnr_mean([psnr(a, b) for a, b in pairs]),
+                    rss_mb=_rss_mb(),
+                )
+            )
+        return method
+
+    def methods(self, taus: list[float], thresholds: list[float]) -> list[Method]:
+        """Every method; DDiT+TeaCache uses the middle tau preset (the profile's default unless --taus)."""
+        steps, sizes = self.steps, self.runtime.sizes
+        tau = taus[len(taus) // 2]
+        out = [Method("native", "baseline", dict(schedule=[1] * steps))]
+        out += [Method(f"fixed {k}p", "fixed", dict(schedule=[k] * steps)) for k in sizes if k > 1]
+        out += [Method(f"DDiT tau={t:g}", "ddit", dict(tau=t)) for t in taus]
+        if self.teacache:
+            out += [Method(f"TeaCache {h:g}", "teacache", dict(schedule=[1] * steps, teacache=h)) for h in thresholds]
+            out += [Method(f"DDiT+TeaCache {h:g}", "ddit+teacache", dict(tau=tau, teacache=h)) for h in thresholds]
+        return out
+
+    def run(self, taus: list[float] | None = None, thresholds: list[float] | None = None) -> dict:
+        tau = self.spec.scheduler.tau
+        taus = taus or [tau / 2, tau, tau * 2]
+        thresholds = thresholds or list(self.spec.teacache.presets)
+        self._generate(self.prompts[0], 0, dict(schedule=[1] * self.steps))  # warm the sessions up
+        done = [self.run_method(m) for m in self.methods(taus, thresholds)]
+        # The paper's step-reduction comparison: the baseline with as many steps as fit DDiT's time.
+        self.tau = taus[len(taus) // 2]
+        ddit = next(m for m in done if m.kind == "ddit" and m.options["tau"] == self.tau)
+        ratio = sum(r["total_s"] for r in ddit.runs) / sum(r["total_s"] for r in done[0].runs)
+        fewer = max(1, round(self.steps * ratio))
+        done.append(
+            self.run_method(Method(f"native {fewer} steps", "fewer-steps", dict(steps=fewer, schedule=[1] * fewer)))
+        )
+        self.done = done
+        return self.report()
+
+    # ---- aggregation ----------------------------------------------------------------------------------------------
+
+    def scheduler_overhead_ms(self, reps: int = 50) -> float:
+        """Median time of one scheduler update (observe + next_factor with a full history) on a latent of the
+        benchmark's shape, on the runtime's device."""
+        from ddit_runtime.scheduler import PatchScheduler
+
+        spec, dev = self.spec, self.runtime.device
+        shape = (1, spec.latent_channels, *spec.latent_hw(self.height, self.width))
+        if self.family == "wan":
+            shape = (1, spec.latent_channels, spec.latent_frames(spec.opt_frames), *shape[2:])
+        sched = PatchScheduler(self.runtime.sizes, spec.native_patch, spec.scheduler.tau, spec.scheduler.rho, 0)
+        latent = torch.randn(shape, device=dev)
+        for _ in range(4):
+            sched.observe(latent)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            sched.observe(latent)
+            sched.next_factor()
+            times.append((time.perf_counter() - t0) * 1000)
+        return _median(times)
+
+    def bare_engine_ms(self, reps: int = 10) -> dict[int, float]:
+        """Median ms of one bare engine call per size (IOBinding on preallocated buffers, nothing else)."""
+        spec, dev, out = self.spec, self.runtime.device, {}
+        if self.family != "flux":
+            return out
+        lh, lw = spec.latent_hw(self.height, self.width)
+        feeds = {
+            "latent": torch.randn(1, spec.latent_channels, lh, lw, device=dev),
+            "timestep": torch.full((1,), 0.5, device=dev),
+            "guidance": torch.full((1,), spec.scheduler.guidance, device=dev),
+            "encoder_hidden_states": torch.randn(1, spec.t5_max_length, spec.joint_attention_dim, device=dev),
+            "pooled_projections": torch.randn(1, spec.pooled_dim, device=dev),
+        }
+        for k, engine in self.runtime.engines.items():
+            outputs = {"velocity": torch.empty_like(feeds["latent"])}
+            if "residual" in engine.output_names:
+                rows, cols = spec.token_grid(k, self.height, self.width)
+                outputs["residual"] = torch.empty(1, rows, cols, engine.output_dim("residual"), device=dev)
+            engine.run(feeds, outputs)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                engine.run(feeds, outputs)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                times.append((time.perf_counter() - t0) * 1000)
+            out[k] = _median(times)
+        return out
+
+    def _flops(self, k: int) -> float | None:
+        if self.family != "flux":
+            return None
+        return self.spec.step_flops(k, self.height, self.width)
+
+    def report(self) -> dict:
+        base = self.done[0]
+        base_total = sum(r["total_s"] for r in base.runs)
+        # Per-size step time of the runtime: the fixed schedule's median step (bound buffers, the engine call with
+        # its in-graph patchify, the Euler update) plus the scheduler's measured per-step cost, which every DDiT
+        # step adds. DDiT's own steps at each size (noisier: fewer samples) are reported beside it as a check.
+        overhead = self.scheduler_overhead_ms()
+        bare = self.bare_engine_ms()
+        per_size = {}
+        for k in self.runtime.sizes:
+            fixed = next(m for m in self.done if m.kind in ("baseline", "fixed") and m.options["schedule"][0] == k)
+            observed = [
+                ms
+                for m in self.done
+                if m.kind == "ddit"
+                for r in m.runs
+                for f, ms in zip(r["schedule"], r["step_ms"], strict=True)
+                if f == k
+            ]
+            fixed_ms = _median([ms for r in fixed.runs for ms in r["step_ms"]])
+            per_size[k] = dict(
+                step_ms=fixed_ms + overhead, fixed_step_ms=fixed_ms, ddit_step_ms=_median(observed), bare_ms=bare.get(k)
+            )
+        for k, row in per_size.items():
+            row["ratio"] = per_size[1]["step_ms"] / row["step_ms"]
+            if row["bare_ms"] is not None:
+                row["bare_ratio"] = per_size[1]["bare_ms"] / row["bare_ms"]
+                row["ratio_vs_bare"] = row["ratio"] / row["bare_ratio"]
+            flops = self._flops(k)
+            if flops is not None:
+                row["flop_ideal"] = self._flops(1) / flops
+                row["efficiency"] = row["ratio"] / row["flop_ideal"]
+        native_ms = per_size[1]["fixed_step_ms"]
+        rows = []
+        for m in self.done:
+            total = sum(r["total_s"] for r in m.runs)
+            scores = [r["score"]["score"] for r in m.runs if r["score"] is not None]
+            steps = [len(r["schedule"]) for r in m.runs]
+            rows.append(
+                dict(
+                    method=m.name,
+                    kind=m.kind,
+                    options={k: v for k, v in m.options.items() if k != "schedule"},
+                    total_s=total,
+                    speedup=base_total / total,
+                    mean_s=total / len(m.runs),
+                    coarse_fraction=_mean([sum(f > 1 for f in r["schedule"]) / len(r["schedule"]) for r in m.runs]),
+                    computed_fraction=_mean([sum(r["computed"]) / len(r["computed"]) for r in m.runs]),
+                    forced_by_switch=_mean([r["forced"] for r in m.runs]),
+                    steps=_median(steps),
+                    score=_mean(scores) if scores else None,
+                    ssim=_mean([r["ssim"] for r in m.runs]),
+                    psnr=_psnr_mean([r["psnr"] for r in m.runs]),
+                    peak_rss_mb=max(r["rss_mb"] for r in m.runs),
+                    schedules=[r["schedule"] for r in m.runs],
+                    computed=[r["computed"] for r in m.runs],
+                )
+            )
+        return dict(
+            engines=str(self.runtime.manifest.folder),
+            tau=self.tau,
+            family=self.family,
+            profile=self.spec.name,
+            device=str(self.runtime.device),
+            height=self.height,
+            width=self.width,
+            steps=self.steps,
+            prompts=[p.text for p in self.prompts],
+            seeds=self.seeds,
+            per_size=per_size,
+            scheduler_overhead_ms=overhead,
+            scheduler_overhead_pct=100 * overhead / native_ms,
+            methods=rows,
+        )
+
+
+def markdown(report: dict) -> str:
+    """The report as two markdown tables (per size; per method) and the scheduler overhead."""
+    lines = [
+        f"{report['profile']} on {report['device']}, {report['height']}x{report['width']}, {report['steps']} steps, "
+        f"{len(report['prompts'])} prompts x {report['seeds']} seeds",
+        "",
+        "| size | runtime step ms | ratio | DDiT's steps ms | bare engine ms | bare ratio | runtime/bare | FLOP-ideal "
+        "| efficiency |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k, r in report["per_size"].items():
+        bare = (
+            f"{r['bare_ms']:.1f} | {r['bare_ratio']:.2f}x | {r['ratio_vs_bare']:.1%}"
+            if r.get("bare_ms") is not None
+            else "- | - | -"
+        )
+        ideal = f"{r['flop_ideal']:.2f}x | {r['efficiency']:.0%}" if "flop_ideal" in r else "- | -"
+        observed = f"{r['ddit_step_ms']:.1f}" if r["ddit_step_ms"] == r["ddit_step_ms"] else "-"
+        lines.append(f"| {k}p | {r['step_ms']:.1f} | {r['ratio']:.2f}x | {observed} | {bare} | {ideal} |")
+    lines += [
+        "",
+        f"scheduler overhead: {report['scheduler_overhead_ms']:.3f} ms per step = "
+        f"{report['scheduler_overhead_pct']:.2f}% of a native step (runtime step = fixed-schedule step + this)",
+        "",
+        "| method | speedup | s / image | steps run (computed) | coarse | score | SSIM | PSNR dB | RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["methods"]:
+        score = f"{r['score']:.3f}" if r["score"] is not None else "-"
+        psnr_ = f"{r['psnr']:.1f}"
+        lines.append(
+            f"| {r['method']} | {r['speedup']:.2f}x | {r['mean_s']:.3f} | {r['steps']:g} ({r['computed_fraction']:.0%}) "
+            f"| {r['coarse_fraction']:.0%} | {score} | {r['ssim']:.3f} | {psnr_} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> Path:
+    """Quality against speedup for every method, and DDiT's patch schedule per prompt (default tau)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DDiTError("--plot needs matplotlib: pip install matplotlib (or 'ddit-toolchain[bench]')") from None
+    rows = report["methods"]
+    use_score = all(r["score"] is not None for r in rows)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
+    for r in rows:
+        y = r["score"] if use_score else r["ssim"]
+        ax.scatter(r["speedup"], y, s=40)
+        ax.annotate(r["method"], (r["speedup"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("end-to-end speedup over the native schedule")
+    ax.set_ylabel("evaluator score" if use_score else "SSIM vs native")
+    ax.set_title("quality vs speed")
+    ax.grid(alpha=0.3)
+    ddit = next((r for r in rows if r["kind"] == "ddit" and r["options"].get("tau") == report.get("tau")), None)
+    ddit = ddit or next(r for r in rows if r["kind"] == "ddit")
+    grid = torch.tensor(ddit["schedules"], dtype=torch.float32).log2()
+    im = bx.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=2, interpolation="nearest")
+    bx.set_xlabel("step")
+    bx.set_ylabel("prompt x seed")
+    bx.set_title(f"{ddit['method']}: patch size per step")
+    cbar = fig.colorbar(im, ax=bx, ticks=[0, 1, 2])
+    cbar.ax.set_yticklabels(["1p", "2p", "4p"])
+    fig.tight_layout()
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.partial.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def run_bench(
+    engines: str,
+    prompts_file: str | None = None,
+    count: int = 8,
+    seeds: int = 1,
+    steps: int | None = None,
+    taus: list[float] | None = None,
+    thresholds: list[float] | None = None,
+    provider: str = "auto",
+    progress: bool = True,
+) -> dict:
+    from ddit_runtime.manifest import peek_family
+
+    family = peek_family(engines)
+    if family == "wan":
+        from ddit_runtime.wan_pipeline import WanRuntime as Runtime
+    else:
+        from ddit_runtime.pipeline import FluxRuntime as Runtime
+    if seeds < 1 or count < 1:
+        raise DDiTError("--seeds and --count must be at least 1")
+    runtime = Runtime(engines, provider=provider)
+    prompts = read_prompt_file(prompts_file) if prompts_file else builtin_prompts(runtime.spec.family, count)
+    bench = Bench(runtime, prompts, seeds, steps, progress)
+    report = bench.run(taus, thresholds)
+    report["quality_source"] = "built-in held-out captions (evaluator)" if not prompts_file else "PSNR/SSIM vs native"
+    return report
+
+
+def write_json(report: dict, path: str) -> Path:
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(out)
+    return out

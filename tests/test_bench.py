@@ -1,0 +1,94 @@
+"""ddit-bench on the shared tiny engines folder: every method runs on the same prompts and seeds, the report's
+numbers are consistent with the runs, the FLOP count matches the paper's ratios, and the CLI writes its files."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from ddit_cli import bench_main
+from ddit_export.bench import builtin_prompts, markdown, run_bench
+from ddit_profiles import get_profile
+
+
+def test_flop_ideal_ratios_are_the_papers_at_flux_dev_1024():
+    spec = get_profile("flux")
+    native = spec.step_flops(1, 1024, 1024)
+    assert native / spec.step_flops(2, 1024, 1024) == pytest.approx(3.46, abs=0.01)
+    assert native / spec.step_flops(4, 1024, 1024) == pytest.approx(7.2, abs=0.05)
+    assert spec.step_flops(1, 1024, 1024, batch=2) == 2 * native
+
+
+def test_builtin_prompts_alternate_simple_and_detailed_and_score_their_own_renders():
+    from ddit_export.shapes import render, scene_from_seed
+
+    prompts = builtin_prompts("flux", 4)
+    assert [p.simple for p in prompts] == [True, False, True, False]
+    scene = scene_from_seed(900_000_000, True)
+    assert prompts[0].text == scene.caption()
+    assert prompts[0].score(render(scene))["score"] == 1.0
+    clips = builtin_prompts("wan", 2)
+    assert "turning" in clips[0].text or "moving" in clips[0].text
+
+
+@pytest.fixture(scope="module")
+def report(tiny_engines):
+    return run_bench(str(tiny_engines), count=2, seeds=1, steps=6, taus=[1e9], thresholds=[1e9], progress=False)
+
+
+def test_every_method_ran_on_every_prompt(report):
+    names = [m["method"] for m in report["methods"]]
+    assert names[:3] == ["native", "fixed 2p", "fixed 4p"]
+    assert {"DDiT tau=1e+09", "TeaCache 1e+09", "DDiT+TeaCache 1e+09"} <= set(names)
+    assert names[-1].startswith("native ") and names[-1].endswith(" steps")  # step reduction, matched to DDiT
+    for m in report["methods"]:
+        assert len(m["schedules"]) == 2
+    base = report["methods"][0]
+    assert base["speedup"] == 1.0 and base["ssim"] == 1.0 and base["psnr"] == float("inf")
+
+
+def test_methods_do_what_they_say(report):
+    by = {m["method"]: m for m in report["methods"]}
+    assert all(s == [4] * 6 for s in by["fixed 4p"]["schedules"])
+    assert all(s == [1, 1, 1, 4, 4, 4] for s in by["DDiT tau=1e+09"]["schedules"])  # warm-up, then coarsest
+    tea = by["TeaCache 1e+09"]
+    assert all(s == [1] * 6 for s in tea["schedules"])
+    assert all(c == [True, False, False, False, False, True] for c in tea["computed"])
+    both = by["DDiT+TeaCache 1e+09"]
+    assert all(c == [True, False, False, True, False, True] for c in both["computed"])  # the switch recomputes
+    assert both["forced_by_switch"] == 1
+    assert by["fixed 4p"]["ssim"] < 1.0  # a different schedule gives a different image
+    for m in report["methods"]:
+        assert 0.0 <= m["score"] <= 1.0  # built-in prompts are scored by the evaluator
+
+
+def test_per_size_rows_are_consistent(report):
+    sizes = report["per_size"]
+    assert set(sizes) == {1, 2, 4}
+    assert sizes[1]["ratio"] == 1.0 and sizes[1]["flop_ideal"] == 1.0
+    for row in sizes.values():
+        assert row["step_ms"] == pytest.approx(row["fixed_step_ms"] + report["scheduler_overhead_ms"])
+        assert row["bare_ms"] > 0 and row["efficiency"] == pytest.approx(row["ratio"] / row["flop_ideal"])
+    assert sizes[4]["flop_ideal"] > sizes[2]["flop_ideal"] > 1
+    assert report["scheduler_overhead_ms"] > 0
+    table = markdown(report)
+    assert "| 4p |" in table and "DDiT+TeaCache" in table
+
+
+def test_cli_writes_json_and_plot(tiny_engines, tmp_path):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = [str(tiny_engines), "--count", "1", "--steps", "4", "--taus", "0.001", "--teacache-thresholds", "0.4"]
+    result = CliRunner().invoke(bench_main, [*args, "--json", str(out), "--plot", str(png), "--quiet"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["steps"] == 4 and len(data["methods"]) == 7
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| method | speedup |" in result.output
+
+
+def test_cli_bad_input_is_one_line(tiny_engines, tmp_path):
+    result = CliRunner().invoke(bench_main, [str(tiny_engines), "--taus", "fast"])
+    assert result.exit_code == 2 and "cannot parse --taus 'fast'" in result.output
+    result = CliRunner().invoke(bench_main, [str(tiny_engines), "--prompts", str(tmp_path / "none.txt")])
+    assert result.exit_code == 2 and "does not exist" in result.output and "Traceback" not in result.output
