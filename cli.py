@@ -49,8 +49,9 @@ def _parse_sizes(text: str) -> list[int]:
     "--model",
     default="tiny",
     show_default=True,
-    help="'tiny' (the embedded model), a local diffusers folder, or a hub id (read from the local cache; "
-    "HF_HUB_OFFLINE=1 is honoured).",
+    help="'tiny' (the embedded model), 'random' (seeded random weights at the profile's configs, e.g. with "
+    "--profile flux-dev-shape for real-width benchmarks), a local diffusers folder, or a hub id (read from the "
+    "local cache; HF_HUB_OFFLINE=1 is honoured).",
 )
 @click.option(
     "--profile",

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ddit_profiles import DDiTError, FluxSpec
+from ddit_profiles import DDiTError, FluxSpec, profile_for
 
 from .tiny import shipped_adapters
 
@@ -221,7 +221,7 @@ def untrained_adapters(transformer, spec: FluxSpec, factors: list[int], rank: in
 
 def resolve_adapters(model: str, adapters_path, transformer, spec, factors) -> tuple:
     """(adapters, path or None, trained): the given file, the tiny model's shipped one, or the untrained init."""
-    if adapters_path is None and model == "tiny":
+    if adapters_path is None and model == "tiny" and spec.name == profile_for(spec.family, "tiny").name:
         adapters_path = shipped_adapters(spec.family)  # the embedded model ships its trained adapters, if built
     if adapters_path == "none":
         adapters_path = None

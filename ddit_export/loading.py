@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ddit_profiles import DDiTError, FluxSpec
+from ddit_profiles import DDiTError, FluxSpec, profile_for, random_configs
 
 from .tiny import build_tiny_flux, shipped_model
 
@@ -16,8 +16,11 @@ COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae", "tokenizer
 
 def load_flux(model: str, spec: FluxSpec) -> dict:
     """Components keyed as in a FluxPipeline folder, fp32, eval mode, checked against ``spec``."""
-    if model == "tiny":
-        shipped = shipped_model(spec.family)
+    if model == "random":
+        random_configs(spec)  # one-line error for a profile without configs
+        parts = build_tiny_flux(spec)
+    elif model == "tiny":
+        shipped = shipped_model(spec.family) if spec.name == profile_for(spec.family, "tiny").name else None
         parts = _from_pretrained(str(shipped)) if shipped else build_tiny_flux(spec)
     else:
         parts = _from_pretrained(model)

@@ -181,7 +181,7 @@ def check_config(cfg: TrainConfig, spec: FluxSpec | WanSpec) -> TrainConfig:
     if cfg.prompts and cfg.images:
         raise DDiTError("give --prompts or --images, not both")
     family = backend.check(cfg)
-    if not cfg.prompts and not cfg.images and cfg.model != "tiny":
+    if not cfg.prompts and not cfg.images and cfg.model not in ("tiny", "random"):
         raise DDiTError(f"no training data: pass {backend.data_options}")
     if cfg.prompts:
         read_prompts(cfg.prompts)  # fail before loading any model

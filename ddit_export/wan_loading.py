@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ddit_profiles import DDiTError, WanSpec
+from ddit_profiles import DDiTError, WanSpec, profile_for, random_configs
 
 from .tiny import CAPTION_WORDS, _word_tokenizer, save_components, shipped_model
 
@@ -84,8 +84,11 @@ def save_wan_components(parts: dict, folder: str | Path) -> Path:
 
 def load_wan(model: str, spec: WanSpec) -> dict:
     """Components keyed as in a WanPipeline folder (plus ``scheduler``: its config dict), fp32, eval mode."""
-    if model == "tiny":
-        shipped = shipped_model(spec.family)
+    if model == "random":
+        random_configs(spec)  # one-line error for a profile without configs
+        parts = build_tiny_wan(spec)
+    elif model == "tiny":
+        shipped = shipped_model(spec.family) if spec.name == profile_for(spec.family, "tiny").name else None
         parts = _from_pretrained(str(shipped)) if shipped else build_tiny_wan(spec)
     else:
         parts = _from_pretrained(model)

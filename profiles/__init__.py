@@ -1,14 +1,16 @@
 """Model-family specs: one per family, all shape arithmetic in one place. Installed as ``ddit_profiles``."""
 
 from .errors import DDiTError
-from .flux import FLUX, FLUX_TINY
+from .flux import FLUX, FLUX_DEV_SHAPE, FLUX_TINY
 from .spec import FlowShift, FluxSpec, SchedulerDefaults, TeaCacheSpec, Tolerance
-from .wan import WAN, WAN_TINY, WanSpec
+from .wan import WAN, WAN_13B_SHAPE, WAN_TINY, WanSpec
 
 #: Any family's spec (they share ``name``, ``family``, ``check_factors``, ``patch_pixels``, ``to_dict``...).
 Spec = FluxSpec | WanSpec
 
-PROFILES: dict[str, Spec] = {spec.name: spec for spec in (FLUX, FLUX_TINY, WAN, WAN_TINY)}
+PROFILES: dict[str, Spec] = {
+    spec.name: spec for spec in (FLUX, FLUX_TINY, FLUX_DEV_SHAPE, WAN, WAN_TINY, WAN_13B_SHAPE)
+}
 
 #: The family a CLI family name maps to, and the profile ``--model tiny`` selects in it.
 FAMILIES = {"flux": {"default": "flux", "tiny": "flux-tiny"}, "wan": {"default": "wan", "tiny": "wan-tiny"}}
@@ -26,10 +28,23 @@ def get_profile(name: str) -> Spec:
 
 
 def profile_for(family: str, model: str) -> Spec:
-    """The profile that ``ddit-export FAMILY --model MODEL`` uses: the tiny variant for ``tiny``, else the full one."""
+    """The profile that ``ddit-export FAMILY --model MODEL`` uses: the tiny variant for ``tiny`` and ``random``, else
+    the full one."""
     if family not in FAMILIES:
         raise DDiTError(f"unknown model family '{family}': choose one of {', '.join(FAMILIES)}")
-    return get_profile(FAMILIES[family]["tiny" if model == "tiny" else "default"])
+    return get_profile(FAMILIES[family]["tiny" if model in ("tiny", "random") else "default"])
+
+
+def random_configs(spec: Spec) -> dict:
+    """The diffusers/transformers configs ``--model random`` builds ``spec``'s components from (seeded random
+    weights); a one-line error for a profile that has none (the real checkpoints' profiles)."""
+    if not spec.tiny_configs:
+        with_configs = ", ".join(name for name, p in PROFILES.items() if p.tiny_configs and p.family == spec.family)
+        raise DDiTError(
+            f"profile '{spec.name}' has no configs for random weights: use --model random with one of "
+            f"{with_configs}, or load a checkpoint"
+        )
+    return spec.tiny_configs
 
 
 def spec_from_dict(d: dict) -> Spec:
@@ -57,5 +72,6 @@ __all__ = [
     "WanSpec",
     "get_profile",
     "profile_for",
+    "random_configs",
     "spec_from_dict",
 ]

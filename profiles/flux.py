@@ -77,3 +77,58 @@ FLUX_TINY = FluxSpec(
         ),
     },
 )
+
+#: A benchmark profile: FLUX.1-dev's real widths (3072 = 24 x 128, T5 4096 x 512 tokens, pooled 768) at 1 double
+#: + 1 single block, random weights (``--model random``). At 1024x1024 it runs 4096 / 1024 / 256 image tokens at
+#: k = 1 / 2 / 4 beside 512 text tokens, so per-size step ratios are measured at real widths on any machine.
+#: Per block, FLOPs and their token scaling are FLUX.1-dev's; only the depth (and the text encoders) are cut.
+FLUX_DEV_SHAPE = FluxSpec(
+    name="flux-dev-shape",
+    hub_id=None,
+    description="FLUX.1-dev widths (24 heads x 128, T5 4096 x 512, pooled 768) at 1 double + 1 single block, "
+    "random weights: a benchmark profile",
+    num_layers=1,
+    num_single_layers=1,
+    min_size=(256, 256),
+    opt_size=(1024, 1024),
+    max_size=(1024, 1024),
+    scheduler=SchedulerDefaults(tau=0.001, rho=0.4, warmup=3, steps=50, guidance=3.5),
+    transformer_tolerance=Tolerance(atol=1e-3, rtol=5e-3),
+    text_tolerance=Tolerance(atol=1e-3, rtol=5e-3),
+    vae_tolerance=Tolerance(atol=1e-3, rtol=5e-3),
+    tiny_configs={
+        "transformer": dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        ),
+        # The text encoders only have to produce FLUX.1-dev's widths: one narrow layer each.
+        "text_encoder": dict(
+            hidden_size=768,
+            intermediate_size=256,
+            num_hidden_layers=1,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            projection_dim=768,
+        ),
+        "text_encoder_2": dict(
+            d_model=4096,
+            d_ff=256,
+            d_kv=64,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=32,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            use_cache=False,
+        ),
+        "vae": FLUX_TINY.tiny_configs["vae"],
+    },
+)

@@ -234,3 +234,49 @@ WAN_TINY = WanSpec(
         ),
     },
 )
+
+#: A benchmark profile: Wan 2.1 1.3B's real widths (12 heads x 128 = 1536, ffn 8960, umT5 4096 x 512 tokens) at 2
+#: layers, random weights (``--model random``), at 480x832 and a small frame count (5 frames = 2 latent frames:
+#: 3120 / 780 / 208 video tokens at k = 1 / 2 / 4, with 4p padding 60 latent rows up to 64).
+WAN_13B_SHAPE = WanSpec(
+    name="wan-1.3b-shape",
+    hub_id=None,
+    description="Wan 2.1 1.3B widths (12 heads x 128, ffn 8960, umT5 4096 x 512) at 2 layers, random weights: "
+    "a benchmark profile",
+    num_layers=2,
+    min_size=(256, 256),
+    opt_size=(480, 832),
+    max_size=(480, 832),
+    min_frames=5,
+    opt_frames=5,
+    max_frames=9,
+    scheduler=SchedulerDefaults(tau=0.001, rho=0.4, warmup=3, steps=50, guidance=5.0),
+    tiny_configs={
+        "transformer": dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=12,
+            attention_head_dim=128,
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+            freq_dim=256,
+            ffn_dim=8960,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=1024,
+        ),
+        "text_encoder": dict(  # one narrow umT5 layer that produces the real 4096 width
+            d_model=4096,
+            d_kv=64,
+            d_ff=256,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=32,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            use_cache=False,
+        ),
+        "vae": WAN_TINY.tiny_configs["vae"],
+    },
+)
