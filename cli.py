@@ -128,8 +128,9 @@ def export_main(family, sizes, model, profile_name, adapters, output, force, qui
     "--teacache",
     type=float,
     default=None,
-    help="FLUX: also skip the transformer blocks on steps where TeaCache's rescaled signal change, accumulated, "
-    "stays under this threshold (0.25 / 0.4 / 0.6: faster as it grows). Composes with the patch schedule.",
+    help="Also skip the transformer blocks on steps where TeaCache's rescaled signal change, accumulated, stays "
+    "under this threshold (faster as it grows; FLUX 0.25 / 0.4 / 0.6, Wan 0.05 / 0.065 / 0.08, one accumulator "
+    "per guidance pass). Composes with the patch schedule.",
 )
 @click.option("--frames", type=int, default=None, help="Wan: video frames, 4n+1 (default: the profile's).")
 @click.option("--negative-prompt", default=None, help="Wan: negative prompt for classifier-free guidance.")
@@ -169,8 +170,6 @@ def run_main(engines, prompt, output, steps, schedule, provider, no_verify, as_j
     check_prompt(prompt)
     family = peek_family(engines)
     if family == "wan":
-        if opts.pop("teacache") is not None:
-            raise DDiTError("--teacache is implemented for FLUX engines only so far; drop it for Wan")
         runtime, result, path = _run_wan(engines, prompt, output, steps, schedule, provider, no_verify, as_json, opts)
     else:
         wan_only = [k for k in ("frames", "negative_prompt", "guidance_scale", "frames_dir") if opts[k] is not None]
@@ -203,7 +202,7 @@ def _run_wan(engines, prompt, output, steps, schedule, provider, no_verify, as_j
     runtime = WanRuntime(engines, provider=provider, verify=not no_verify)
     steps = runtime.spec.scheduler.steps if steps is None else steps
     fixed = parse_schedule(schedule, steps, runtime.sizes)
-    keys = ("negative_prompt", "frames", "height", "width", "seed", "guidance_scale", "tau", "rho", "cfg")
+    keys = ("negative_prompt", "frames", "height", "width", "seed", "guidance_scale", "tau", "rho", "cfg", "teacache")
     result = runtime.generate(prompt, steps=steps, schedule=fixed, progress=not as_json, **{k: opts[k] for k in keys})
     settings = dict(result.settings, schedule=result.schedule)
     if opts["frames_dir"] is not None:
@@ -465,6 +464,49 @@ def bench_main(
         click.echo(f"wrote {write_json(report, json_out)}", err=True)
     if plot_out:
         click.echo(f"wrote {plot(report, plot_out)}", err=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("engines", metavar="ENGINES_DIR")
+@click.option(
+    "--opt-level",
+    type=click.IntRange(0, 5),
+    default=None,
+    help="TensorRT builder optimisation level, 0-5 (default: TensorRT's, 3). Higher builds slower and may run faster.",
+)
+@click.option(
+    "--timing-cache",
+    default=None,
+    metavar="FILE",
+    help="Tactic timing cache, loaded if it exists and updated after each build [default: ENGINES_DIR/trt_timing.cache].",
+)
+@click.option("--sizes", default=None, help="Transformer patch sizes to build, e.g. 1,2 (default: all exported).")
+@click.option("--force", is_flag=True, help="Rebuild every plan, even those built from the same graph and settings.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_one_line_errors
+def build_main(engines, opt_level, timing_cache, sizes, force, quiet):
+    """Build one TensorRT engine per graph of ENGINES_DIR (made by ddit-export), for this GPU and TensorRT release.
+
+    Every transformer size, the TeaCache probes, the text encoders and the VAE decoder get a plan named after the
+    TensorRT version and the GPU's compute capability (transformer_k2.trt10.13.sm90.plan), in the precision the ONNX
+    graph is typed in. The manifest records them (sha256, settings); the ONNX files stay.
+
+    \b
+    Example:
+      ddit-build engines/ --opt-level 3
+    """
+    from ddit_export.trt_build import build_engines, require_tensorrt
+    from ddit_runtime.backends import format_bytes
+
+    require_tensorrt()  # before anything else: one line when TensorRT is missing
+    chosen = _parse_sizes(sizes) if sizes else None
+    block = build_engines(engines, chosen, opt_level, timing_cache, force, progress=not quiet)
+    plans = block["plans"]
+    click.echo(
+        f"wrote {len(plans)} TensorRT engines into {engines} for TensorRT {block['version']} on "
+        f"{block['compute_capability']} ({block['gpu']}), {format_bytes(sum(p['bytes'] for p in plans.values()))}",
+        err=True,
+    )
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ class Bench:
         self.steps = steps or self.spec.scheduler.steps
         self.family = self.spec.family
         self.height, self.width = self.spec.opt_size
-        self.teacache = self.family == "flux"  # the Wan runtime has no TeaCache yet
+        self.teacache = True  # both runtimes take generate(..., teacache=THRESH)
         self.native: dict[tuple[int, int], torch.Tensor] = {}
 
     # ---- running ----------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ class RecipeSteps:
     vae_batch: int = 8
     vae_crop: int = 128
     examples: int = 10000
-    transformer_steps: int = 4000
+    transformer_steps: int = 6000
     transformer_batch: int = 16
     transformer_lr: float = 1e-3
     ema: float = 0.998

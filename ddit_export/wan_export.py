@@ -1,6 +1,7 @@
-"""``ddit-export wan``: one transformer graph per patch factor, the umT5 encoder, the VAE decoder (two graphs that
-decode one latent frame per call, see ``wan_vae``), the tokenizer, and a manifest, written into a staging folder
-that is renamed into place only when everything checked out (parity, no float64, no complex tensors).
+"""``ddit-export wan``: one transformer graph and one TeaCache probe per patch factor, the umT5 encoder, the VAE
+decoder (two graphs that decode one latent frame per call, see ``wan_vae``), the tokenizer, and a manifest, written
+into a staging folder that is renamed into place only when everything checked out (parity, no float64, no complex
+tensors).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .manifest import export_graphs, source_block, staging_folder, write_manifes
 from .onnx_io import check_parity, export_onnx, ort_session
 from .wan_loading import load_wan
 from .wan_manifest import wan_blocks
-from .wan_model import WanEngine, wan_size_variant
+from .wan_model import WanEngine, WanTeaCacheProbe, wan_size_variant
 from .wan_vae import VaeDecodeFirst, VaeDecodeStep, cache_names, decode_chunked
 
 
@@ -73,12 +74,45 @@ def _export_transformer(parts, spec: WanSpec, adapters, factor: int, folder: Pat
     path = folder / f"transformer_k{factor}.onnx"
     names, outputs = spec.transformer_inputs, spec.transformer_outputs
     with wan_size_variant(transformer, adapters, factor) as adapter:
-        engine = WanEngine(transformer, spec, factor, adapter).eval()
+        engine = WanEngine(transformer, spec, factor, adapter, residual=True).eval()
         example = transformer_inputs(spec, 2, spec.opt_frames, *spec.opt_size, gen)
         files = export_onnx(engine, example, names, outputs, dynamic, path, spec.opset)
         feeds = [transformer_inputs(spec, *size, gen) for size in parity_sizes(spec)]
         err = check_parity(path, engine, feeds, names, spec.transformer_tolerance, f"transformer k={factor}")
-    return dict(onnx=path.name, files=[f.name for f in files], max_abs_error=err)
+        probe = _export_teacache_probe(transformer, spec, factor, adapter, engine, dims, folder, gen)
+    return dict(onnx=path.name, files=[f.name for f in files], max_abs_error=err, teacache=probe)
+
+
+def _probe_inputs(engine: WanEngine, feeds: tuple) -> tuple:
+    """The probe's inputs for one engine input tuple: the engine's own residual, so the probe's velocity must
+    reproduce the engine's velocity (a check that the split is right)."""
+    latent, timestep, _ = feeds
+    with torch.no_grad():
+        _, residual = engine(*feeds)
+    return latent, timestep, residual
+
+
+def _export_teacache_probe(transformer, spec: WanSpec, factor, adapter, engine, dims: dict, folder: Path, gen) -> dict:
+    """``teacache_k{factor}.onnx``: ``WanTeaCacheProbe`` under the same merged weights as the engine.
+    ``dims``: the engine's latent Dims; the residual's token rows and columns get Dims of their own."""
+    (r0, c0), (r1, c1) = (spec.token_grid(factor, *size) for size in (spec.min_size, spec.max_size))
+    grid = {2: Dim(f"rows_k{factor}", min=r0, max=r1), 3: Dim(f"cols_k{factor}", min=c0, max=c1)}
+    dynamic = {"latent": dims, "timestep": {0: dims[0]}, "residual": {0: dims[0], 1: dims[2]} | grid}
+    probe = WanTeaCacheProbe(transformer, spec, factor, adapter).eval()
+    path = folder / f"teacache_k{factor}.onnx"
+    names, outputs = spec.teacache_inputs, spec.teacache_outputs
+    example = _probe_inputs(engine, transformer_inputs(spec, 2, spec.opt_frames, *spec.opt_size, gen))
+    files = export_onnx(probe, example, names, outputs, dynamic, path, spec.opset)
+    feeds = [_probe_inputs(engine, transformer_inputs(spec, *size, gen)) for size in parity_sizes(spec)]
+    err = check_parity(path, probe, feeds, names, spec.transformer_tolerance, f"teacache k={factor}")
+    split = 0.0
+    with torch.no_grad():  # the split is exact: the probe's velocity from the engine's residual is the engine's
+        for size in parity_sizes(spec):
+            args = transformer_inputs(spec, *size, gen)
+            split = max(split, (probe(*_probe_inputs(engine, args))[1] - engine(*args)[0]).abs().max().item())
+    if split > spec.transformer_tolerance.bound(1.0):
+        raise DDiTError(f"teacache k={factor}: the probe's velocity differs from the engine's by {split:.3g}")
+    return dict(onnx=path.name, files=[f.name for f in files], max_abs_error=err, split_error=split)
 
 
 def _token_feeds(tokenizer, max_length: int, vocab: int, gen) -> list[tuple]:

@@ -3,7 +3,9 @@
 ``WanEngine`` takes the full-resolution latent ``[B, 16, F, H, W]`` and returns the velocity of the same shape.
 Inside: pad H and W up to a multiple of the factor's patch (replicate padding), patchify with a (1, 2k, 2k) Conv3d,
 RoPE cos/sin from coarse-token centres (float32, no complex numbers), the base model's condition embedder and
-blocks, the de-embedding and unpatchify, the crop back to H x W, and the size's latent residual.
+blocks, the de-embedding and unpatchify, the crop back to H x W, and the size's latent residual. The exported
+engine also returns what the blocks added to the tokens (TeaCache's cache), and ``WanTeaCacheProbe`` is the cheap
+rest: the timestep embedding (TeaCache's signal) and the velocity from a cached residual.
 
 The engine reuses the diffusers model's submodules (``condition_embedder``, ``blocks``, ``norm_out``,
 ``scale_shift_table``) and mirrors ``WanTransformer3DModel.forward`` for text-to-video (1-D timestep, no image
@@ -146,12 +148,18 @@ def unpatchify(tokens: torch.Tensor, frames, rows, cols, patch: int) -> torch.Te
 class WanEngine(nn.Module):
     """latent [B,16,F,H,W], timestep [B] (sigma * 1000, in [0, 1000]), umT5 [B,T,D] -> velocity [B,16,F,H,W].
 
+    With ``residual=True`` (the exported graph) it also returns what the blocks added to the tokens,
+    ``residual`` [B, F, rows_k, cols_k, D] on the size's padded token grid (the blocks' output minus the patch
+    embedding's): TeaCache's cache.
     Use inside ``wan_size_variant(transformer, adapters, factor)`` so the blocks carry size ``factor``'s LoRA.
     """
 
-    def __init__(self, transformer, spec: WanSpec, factor: int, adapter: WanSizeAdapter | None = None):
+    def __init__(
+        self, transformer, spec: WanSpec, factor: int, adapter: WanSizeAdapter | None = None, residual: bool = False
+    ):
         super().__init__()
         self.transformer, self.spec, self.factor, self.adapter = transformer, spec, factor, adapter
+        self.residual = residual
         self.rope = WanPositionRope(transformer.config.attention_head_dim)
 
     def _embed(self, latent: torch.Tensor) -> torch.Tensor:
@@ -159,29 +167,67 @@ class WanEngine(nn.Module):
             return self.adapter.embed(latent)
         return self.transformer.patch_embedding(latent).flatten(2).transpose(1, 2)
 
-    def forward(self, latent, timestep, encoder_hidden_states):
-        t = self.transformer
-        _, _, frames, height, width = latent.shape
+    def _tokens(self, latent: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """[B, C, F, H, W] -> (embedded tokens [B, F*rows*cols, D] of the padded latent, (F, rows, cols))."""
         patch = self.spec.patch_pixels(self.factor)
         padded = pad_to_multiple(latent, patch)
-        rows, cols = padded.shape[3] // patch, padded.shape[4] // patch
-        rotary = self.rope(frames, rows, cols, self.factor)
-        hidden = self._embed(padded).contiguous()
+        grid = latent.shape[2], padded.shape[3] // patch, padded.shape[4] // patch
+        return self._embed(padded).contiguous(), grid
+
+    def _head(self, hidden: torch.Tensor, temb: torch.Tensor, latent: torch.Tensor, grid) -> torch.Tensor:
+        """The blocks' output [B, N, D] and temb [B, D] -> velocity [B, C, F, H, W]: norm_out with the scale-shift
+        table, the de-embedding, unpatchify, the crop back to the latent's H x W, and the size's latent residual."""
+        t = self.transformer
+        shift, scale = (t.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        hidden = (t.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+        proj = self.adapter.unembed if self.adapter is not None else t.proj_out
+        height, width = latent.shape[-2:]
+        out = unpatchify(proj(hidden), *grid, self.spec.patch_pixels(self.factor))[:, :, :, :height, :width]
+        if self.adapter is not None:
+            out = out + self.adapter.residual_velocity(latent)
+        return out
+
+    def forward(self, latent, timestep, encoder_hidden_states):
+        t = self.transformer
+        embedded, grid = self._tokens(latent)
+        rotary = self.rope(*grid, self.factor)
         temb, timestep_proj, context, _ = t.condition_embedder(timestep, encoder_hidden_states, None)
         timestep_proj = timestep_proj.unflatten(1, (6, -1))
         checkpointing = torch.is_grad_enabled() and t.gradient_checkpointing  # as WanTransformer3DModel.forward
+        hidden = embedded
         for block in t.blocks:
             if checkpointing:
                 hidden = t._gradient_checkpointing_func(block, hidden, context, timestep_proj, rotary)
             else:
                 hidden = block(hidden, context, timestep_proj, rotary)
-        shift, scale = (t.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
-        hidden = (t.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
-        proj = self.adapter.unembed if self.adapter is not None else t.proj_out
-        out = unpatchify(proj(hidden), frames, rows, cols, patch)[:, :, :, :height, :width]
-        if self.adapter is not None:
-            out = out + self.adapter.residual_velocity(latent)
+        out = self._head(hidden, temb, latent, grid)
+        if self.residual:
+            return out, (hidden - embedded).unflatten(1, grid)
         return out
+
+
+class WanTeaCacheProbe(WanEngine):
+    """Size ``factor``'s TeaCache probe: the cheap parts of ``WanEngine`` around a cached residual.
+
+    latent [B,16,F,H,W], timestep [B], residual [B,F,rows_k,cols_k,D] ->
+    (temb [B, D]: the timestep embedding (diffusers' ``temb``, the original Wan's ``e``), the signal;
+     velocity [B,16,F,H,W]: ``WanEngine``'s head on the patch embedding plus ``residual``).
+    Built inside the same ``wan_size_variant`` as the size's ``WanEngine``, so it sees the same weights.
+    """
+
+    def forward(self, latent, timestep, residual):
+        embedded, grid = self._tokens(latent)
+        temb = timestep_embedding(self.transformer.condition_embedder, timestep).type_as(embedded)
+        return temb, self._head(embedded + residual.flatten(1, 3), temb, latent, grid)
+
+
+def timestep_embedding(embedder, timestep: torch.Tensor) -> torch.Tensor:
+    """timestep [B] -> temb [B, D]: ``WanTimeTextImageEmbedding.forward``'s time path, without the text."""
+    proj = embedder.timesteps_proj(timestep)
+    dtype = next(iter(embedder.time_embedder.parameters())).dtype
+    if proj.dtype != dtype and dtype != torch.int8:
+        proj = proj.to(dtype)
+    return embedder.time_embedder(proj)
 
 
 @contextlib.contextmanager

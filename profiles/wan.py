@@ -13,10 +13,13 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import DDiTError
-from .spec import FluxSpec, SchedulerDefaults, Tolerance, check_in_range, rebuild, suggest_size
+from .spec import FluxSpec, SchedulerDefaults, TeaCacheSpec, Tolerance, check_in_range, rebuild, suggest_size
 
 WAN_TRANSFORMER_INPUTS = ("latent", "timestep", "encoder_hidden_states")
-WAN_TRANSFORMER_OUTPUTS = ("velocity",)
+WAN_TRANSFORMER_OUTPUTS = ("velocity", "residual")  # residual: what the blocks added, for TeaCache
+#: The per-size TeaCache probe: the timestep embedding (the signal), and the velocity from a cached residual.
+WAN_TEACACHE_INPUTS = ("latent", "timestep", "residual")
+WAN_TEACACHE_OUTPUTS = ("temb", "velocity")
 #: How the coarse engines fill the latent up to a multiple of their patch: ONNX Pad mode "edge".
 PAD_MODE = "replicate"
 
@@ -63,6 +66,15 @@ class WanSpec:
     family: str = "wan"
     transformer_inputs: tuple[str, ...] = WAN_TRANSFORMER_INPUTS
     transformer_outputs: tuple[str, ...] = WAN_TRANSFORMER_OUTPUTS
+    # TeaCache4Wan2.1's fit for T2V 1.3B (its default mode): the signal is the timestep embedding ``e``
+    # (diffusers' ``temb``), one accumulator per CFG pass; thresholds 0.05 (~1.5x) to 0.08 (~2x).
+    teacache: TeaCacheSpec = TeaCacheSpec(
+        signal="timestep_embedding",
+        coefficients=(2.39676752e03, -1.31110545e03, 2.01331979e02, -8.29855975e00, 1.37887774e-01),
+        presets=(0.05, 0.065, 0.08),
+    )
+    teacache_inputs: tuple[str, ...] = WAN_TEACACHE_INPUTS
+    teacache_outputs: tuple[str, ...] = WAN_TEACACHE_OUTPUTS
 
     # ---- shape arithmetic -------------------------------------------------------------------------------------
 

@@ -1,7 +1,12 @@
-"""ONNX Runtime sessions that read and write torch tensors in place (IOBinding), on the CPU or CUDA."""
+"""Engines that read and write torch tensors in place: ONNX Runtime sessions (IOBinding, CPU or CUDA) and TensorRT
+plans (tensor addresses on one CUDA stream). Both take ``run(feeds, outputs)`` over preallocated buffers.
+
+TensorRT and polygraphy are imported lazily, inside ``TrtEngine``: this module loads without them.
+"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +88,215 @@ class OrtEngine:
         """Every output, in graph order, for graphs run a few times per generation (ORT allocates them)."""
         feeds = {n: inputs[n].detach().cpu().numpy() for n in self.input_names}
         return [torch.from_numpy(o).to(self.device) for o in self.session.run(None, feeds)]
+
+
+# ---- TensorRT ---------------------------------------------------------------------------------------------------
+
+TRT_INSTALL = "pip install 'ddit-toolchain[trt]' on a machine with an NVIDIA GPU and TensorRT 10"
+
+
+def import_tensorrt(who: str):
+    """The ``tensorrt`` module, or a one-line ``DDiTError`` saying that ``who`` needs it and how to get it."""
+    try:
+        import tensorrt
+    except Exception:  # ImportError, or OSError when the wheel is there but its libraries are not
+        raise DDiTError(f"{who} needs TensorRT ({TRT_INSTALL})") from None
+    return tensorrt
+
+
+def tensorrt_version() -> str | None:
+    """``tensorrt.__version__`` (e.g. ``10.13.0.35``), or None when it does not import."""
+    try:
+        return import_tensorrt("this").__version__
+    except DDiTError:
+        return None
+
+
+@functools.cache
+def _trt_runtime():
+    """One ``trt.Runtime`` per process, on polygraphy's logger; it outlives every engine it deserialises."""
+    trt = import_tensorrt("the trt backend")
+    from polygraphy.backend.trt.util import get_trt_logger
+
+    return trt.Runtime(get_trt_logger())
+
+
+def _torch_dtype(trt, dtype) -> torch.dtype:
+    names = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64}
+    names |= {"INT32": torch.int32, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
+    table = {getattr(trt.DataType, n): t for n, t in names.items() if hasattr(trt.DataType, n)}
+    if dtype not in table:
+        raise DDiTError(f"TensorRT tensor type {dtype} has no torch equivalent here: re-export the graph in fp32")
+    return table[dtype]
+
+
+class SharedDeviceMemory:
+    """One CUDA stream and one device-memory block for every TensorRT engine of a runtime, sized for the largest.
+
+    The engines run one after another on that stream, so their activations can live in the same scratch block.
+    ``generation`` changes whenever the block is reallocated: contexts then rebind it and drop captured graphs.
+    """
+
+    def __init__(self, device: torch.device, stream: torch.cuda.Stream | None = None):
+        self.device = device
+        self.stream = stream if stream is not None else torch.cuda.Stream(device)
+        self.block = torch.empty(0, dtype=torch.uint8, device=device)  # [nbytes]
+        self.generation = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.block.numel()
+
+    @property
+    def ptr(self) -> int:
+        return self.block.data_ptr()
+
+    def reserve(self, nbytes: int) -> None:
+        """Grow the block to at least ``nbytes``. Growing waits for the stream, since work may still use the old one."""
+        if nbytes <= self.nbytes:
+            return
+        self.stream.synchronize()
+        with torch.cuda.stream(self.stream):  # allocated on the stream that uses it
+            self.block = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.generation += 1
+
+
+class TrtEngine:
+    """One TensorRT plan with ``OrtEngine``'s contract: ``run`` binds the given tensors by address, no copies.
+
+    The context has no device memory of its own (``USER_MANAGED``): it uses ``memory``'s shared block. ``run``
+    enqueues on ``memory.stream`` after the caller's stream, and the caller's stream waits for it (events, no host
+    sync). With ``cuda_graphs``, the first call for a given set of shapes and addresses runs normally and then
+    captures a CUDA graph (that capture synchronizes once); later calls with the same buffers replay it.
+    """
+
+    def __init__(
+        self, plan: Path, device: torch.device, memory: SharedDeviceMemory | None = None, cuda_graphs: bool = False
+    ):
+        trt = import_tensorrt("the trt backend")
+        if device.type != "cuda":
+            raise DDiTError(f"TensorRT engines run on a CUDA device, not {device}: use an ort backend on the CPU")
+        self.name, self.device, self.cuda_graphs = Path(plan).name, device, cuda_graphs
+        self.memory = memory if memory is not None else SharedDeviceMemory(device)
+        self.stream = self.memory.stream
+        with torch.cuda.device(device):
+            self.engine = self._deserialize(Path(plan))
+            self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = {n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
+        self.input_names = [n for n in names if n in inputs]
+        self.output_names = [n for n in names if n not in inputs]
+        self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
+        self._v2 = hasattr(self.engine, "device_memory_size_v2")  # TensorRT >= 10.1
+        self.device_memory_bytes = self.engine.device_memory_size_v2 if self._v2 else self.engine.device_memory_size
+        self.memory.reserve(self.device_memory_bytes)
+        self._bound: tuple | None = None  # (binding key, memory generation) the context holds
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._graphs_generation = self.memory.generation
+
+    def _deserialize(self, plan: Path):
+        from polygraphy.backend.trt import EngineFromBytes
+        from polygraphy.exception import PolygraphyException
+
+        try:
+            return EngineFromBytes(plan.read_bytes(), runtime=_trt_runtime())()
+        except (PolygraphyException, OSError) as e:
+            raise DDiTError(
+                f"TensorRT cannot load {plan.name} ({str(e).strip().splitlines()[0]}): rebuild it"
+            ) from None
+
+    def output_dim(self, name: str) -> int:
+        """The static last dimension of output ``name`` (e.g. the transformer's width for ``residual``)."""
+        last = self.engine.get_tensor_shape(name)[-1]
+        if last < 0:
+            raise DDiTError(f"{self.name}: output {name} has a dynamic last dimension; re-export it")
+        return int(last)
+
+    def run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """Read ``inputs`` and write into the preallocated ``outputs`` (CUDA tensors on the engine's device)."""
+        self._run(inputs, outputs, self.cuda_graphs)
+
+    def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Convenience for one-off graphs (encoders, decoder): the single (first) output, allocated here."""
+        return self.run_all(**inputs)[0]
+
+    def run_all(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Every output, in engine order, allocated here at the shapes TensorRT infers from ``inputs``."""
+        feeds = {n: inputs[n].to(self.device, self.dtypes[n]).contiguous() for n in self.input_names}
+        self._set_shapes(feeds)
+        outputs = {
+            n: torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=self.dtypes[n], device=self.device)
+            for n in self.output_names
+        }
+        self._run(feeds, outputs, graphs=False)  # fresh buffers each call: nothing worth capturing
+        return [outputs[n] for n in self.output_names]
+
+    def _run(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], graphs: bool) -> None:
+        tensors = [(n, inputs[n]) for n in self.input_names] + [(n, outputs[n]) for n in self.output_names]
+        for name, tensor in tensors:
+            self._check(name, tensor)
+        key = tuple((n, tuple(t.shape), t.data_ptr()) for n, t in tensors)
+        caller = torch.cuda.current_stream(self.device)
+        if caller != self.stream:
+            self.stream.wait_stream(caller)  # the inputs were written on the caller's stream
+        with torch.cuda.stream(self.stream):
+            self._enqueue(key, tensors, graphs)
+        if caller != self.stream:
+            caller.wait_stream(self.stream)  # and the caller reads the outputs after the engine wrote them
+
+    def _check(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.device != self.device or tensor.dtype != self.dtypes[name] or not tensor.is_contiguous():
+            raise ValueError(
+                f"{self.name}: tensor for {name} must be a contiguous {self.dtypes[name]} tensor on {self.device}, "
+                f"got {tensor.dtype} on {tensor.device}"
+            )
+
+    def _enqueue(self, key: tuple, tensors: list[tuple[str, torch.Tensor]], graphs: bool) -> None:
+        if self._graphs_generation != self.memory.generation:  # the shared block moved: captured graphs are stale
+            self._graphs.clear()
+            self._graphs_generation = self.memory.generation
+        if graphs and key in self._graphs:
+            self._graphs[key].replay()
+            return
+        self._bind(key, tensors)
+        self._execute()
+        if graphs:
+            self._graphs[key] = self._capture()
+
+    def _set_shapes(self, inputs: dict[str, torch.Tensor]) -> None:
+        self._bound = None  # the context's shapes change: whatever it held is gone
+        for name, tensor in inputs.items():
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise DDiTError(
+                    f"{self.name}: input {name} of shape {tuple(tensor.shape)} is outside the engine's optimisation "
+                    "profile: use a resolution, frame count and batch within the profile, or rebuild with ddit-build"
+                )
+
+    def _bind(self, key: tuple, tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Shapes, addresses and the shared memory block, unless the context already holds exactly these."""
+        if self._bound == (key, self.memory.generation):
+            return
+        self._set_shapes({n: t for n, t in tensors if n in self.input_names})
+        for name, tensor in tensors:
+            if name in self.output_names and tuple(self.context.get_tensor_shape(name)) != tuple(tensor.shape):
+                raise ValueError(
+                    f"{self.name}: output buffer {name} has shape {tuple(tensor.shape)}, the engine writes "
+                    f"{tuple(self.context.get_tensor_shape(name))}"
+                )
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        if self._v2:
+            self.context.set_device_memory(self.memory.ptr, self.memory.nbytes)
+        else:
+            self.context.device_memory = self.memory.ptr
+        self._bound = (key, self.memory.generation)
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise DDiTError(f"TensorRT failed to run {self.name} (its log above says why)")
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """Capture one enqueue (already warmed up by a normal run) as a CUDA graph on the engine's stream."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):  # synchronizes once: the only host wait in run
+            self._execute()
+        return graph

@@ -11,6 +11,13 @@ two sizes are not comparable either (different token counts). The alternative, o
 residual from steps ago, computed at another noise level; DDiT's schedules switch a few times per generation,
 so the recompute costs only those few steps (``ddit-bench`` reports how many).
 All math stays on the signal's device; ``TeaCache.should_compute`` does one host read.
+
+Wan (TeaCache4Wan2.1): the signal is the timestep embedding, and the conditional and unconditional passes of
+classifier-free guidance keep one ``TeaCache`` each. Run as two engine calls (``--cfg two-pass``), each pass
+decides alone. Run as one batch of 2 (``--cfg batched``), the call runs the blocks when either pass needs them
+(``any_compute``): both residuals are then fresh, so both sums restart; skipping a pass that asked to compute
+would reuse a residual its own rule rejected. Wan's signal depends on the timestep only, which both passes share,
+so in practice the two decisions agree.
 """
 
 from __future__ import annotations
@@ -68,3 +75,18 @@ class TeaCache:
             self.previous = signal.detach().clone()
         self.previous_factor = factor
         return compute
+
+    def refresh(self) -> None:
+        """The blocks ran although this cache would have skipped them: the residual is fresh, restart the sum."""
+        if self.accumulated is not None:
+            self.accumulated.zero_()
+
+
+def any_compute(caches: Sequence[TeaCache], signal: torch.Tensor, step: int, factor: int) -> bool:
+    """One engine call for a batch of passes, ``signal`` [len(caches), ...] (row j is pass j's): run the blocks
+    when any pass's cache says so, and then restart every pass's sum (each sees its own signal every step)."""
+    wants = [cache.should_compute(signal[j : j + 1], step, factor) for j, cache in enumerate(caches)]
+    if any(wants):
+        for cache in caches:
+            cache.refresh()
+    return any(wants)

@@ -2,11 +2,14 @@
 per-step engine choice, then the causal VAE decoder one latent frame at a time.
 
 The sampler is what diffusers' WanPipeline uses (UniPC multistep, flow sigmas, shift 3.0 at 480p and 5.0 above).
-The DDiT scheduler reads the same latent trajectory, with spatial patches per latent frame.
+The DDiT scheduler reads the same latent trajectory, with spatial patches per latent frame. With ``teacache``,
+each engine call is preceded by its size's probe (the timestep embedding, and the velocity from the cached
+residual), and the blocks run only when TeaCache says so (see ``teacache`` for the per-pass accumulators).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from .engine import OrtEngine, pick_device
 from .manifest import load_manifest
 from .pipeline import Generation
 from .scheduler import PatchScheduler
+from .teacache import TeaCache, any_compute
 from .text import PromptTokenizer
 from .unipc import UniPCFlowSampler, wan_flow_sigmas, wan_flow_timesteps
 
@@ -40,6 +44,7 @@ class WanRuntime:
                 f"patch sizes {missing} were not exported to '{folder}' (it has {list(self.manifest.sizes)})"
             )
         self.engines = {k: OrtEngine(self.manifest.transformer_path(k), self.device) for k in self.sizes}
+        self.probes: dict[int, OrtEngine] = {}  # TeaCache probes, loaded on first use
         text = self.manifest.component("text_encoder")
         self.tokenizer = PromptTokenizer(
             self.manifest.path(text["tokenizer"]), text["max_length"], text["pad_id"], text["pad_token"], "umT5"
@@ -59,6 +64,17 @@ class WanRuntime:
         ids = self.tokenizer(prompt)
         mask = (ids != self.tokenizer.pad_id).to(torch.int64)
         return self.text_encoder(input_ids=ids, attention_mask=mask).contiguous()
+
+    def _probe(self, factor: int) -> OrtEngine:
+        if factor not in self.probes:
+            meta = self.manifest.data["components"]["transformer"][str(factor)].get("teacache")
+            if meta is None or "residual" not in self.engines[factor].output_names:
+                raise DDiTError(
+                    f"engines folder '{self.manifest.folder}' has no TeaCache probes (exported before TeaCache): "
+                    "re-export it with ddit-export to use --teacache"
+                )
+            self.probes[factor] = OrtEngine(self.manifest.path(meta["onnx"]), self.device)
+        return self.probes[factor]
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """latent [1, 16, f, h, w] -> video [F, 3, 8h, 8w] uint8 on the CPU, F = 4 (f - 1) + 1."""
@@ -87,8 +103,12 @@ class WanRuntime:
         rho: float | None = None,
         schedule: list[int] | None = None,
         cfg: str = "batched",
+        teacache: float | None = None,
         progress: bool = True,
     ) -> Generation:
+        """Run the whole pipeline. ``schedule`` fixes the factor per step; None lets the DDiT scheduler choose.
+        ``teacache`` (a threshold such as 0.05 / 0.065 / 0.08) also skips the blocks on steps TeaCache deems cheap,
+        with one accumulator per classifier-free-guidance pass."""
         spec, d = self.spec, self.spec.scheduler
         frames = spec.opt_frames if frames is None else frames
         height = spec.opt_size[0] if height is None else height
@@ -107,10 +127,15 @@ class WanRuntime:
             raise DDiTError(f"unknown --cfg '{cfg}': choose {' or '.join(CFG_MODES)}")
         if schedule is not None and len(schedule) != steps:
             raise DDiTError(f"the schedule has {len(schedule)} entries for {steps} steps: give one per step")
+        caches = None
+        if teacache is not None:  # one accumulator per pass: conditional, and unconditional when guided
+            caches = [TeaCache(teacache, spec.teacache.coefficients, steps) for _ in range(2 if scale > 1.0 else 1)]
+            for k in self.sizes if schedule is None else sorted(set(schedule)):
+                self._probe(k)  # fail before any work when the folder has no probes
         started = time.perf_counter()
         text = [self.encode(prompt)] + ([self.encode(negative)] if scale > 1.0 else [])
-        latent, step_ms, used = self._denoise(
-            text, frames, height, width, steps, seed, scale, tau, rho, schedule, cfg, progress
+        latent, step_ms, used, computed = self._denoise(
+            text, (frames, height, width), steps, seed, scale, tau, rho, schedule, cfg, caches, progress
         )
         video = self.decode(latent)
         settings = dict(
@@ -128,11 +153,55 @@ class WanRuntime:
             schedule_mode="auto" if schedule is None else "fixed",
             sampler="unipc_flow",
             flow_shift=spec.flow_shift(height, width),
+            teacache=teacache,
         )
-        return Generation(video, used, step_ms, time.perf_counter() - started, settings)
+        if caches is not None:  # every pass sees the same schedule: count the steps once
+            settings["teacache_forced_by_switch"] = caches[0].forced_by_switch
+        return Generation(video, used, step_ms, time.perf_counter() - started, settings, computed)
 
-    def _denoise(self, text, frames, height, width, steps, seed, scale, tau, rho, schedule, cfg, progress):
+    def _residuals(self, passes: int, frames: int, height: int, width: int) -> dict[int, torch.Tensor]:
+        """Per size, the residual buffer [passes, F, rows_k, cols_k, D] (pass 0 conditional, 1 unconditional).
+
+        All sizes are views of one storage sized for the largest grid: a cached residual is only reused at the size
+        that wrote it (a switch forces a full step), so the sizes never need theirs at once. Empty for folders
+        exported before TeaCache (their engines have no residual output)."""
+        if any("residual" not in self.engines[k].output_names for k in self.sizes):
+            return {}
+        dim = self.engines[self.sizes[0]].output_dim("residual")  # the model width, the same for every size
+        shapes = {
+            k: (passes, self.spec.latent_frames(frames), *self.spec.token_grid(k, height, width), dim)
+            for k in self.sizes
+        }
+        storage = torch.zeros(max(math.prod(s) for s in shapes.values()), device=self.device)
+        return {k: storage[: math.prod(s)].view(s) for k, s in shapes.items()}
+
+    def _call(self, factor: int, step: int, feeds: dict, velocity, residual, signal, caches) -> bool:
+        """One engine call (one pass, or both batched): with ``caches``, the probe writes the signal
+        [passes, D] and the velocity from the cached ``residual``, and the blocks run only when TeaCache says so.
+        Returns whether they ran."""
+        compute = True
+        if caches:
+            outputs = {self.spec.teacache_outputs[0]: signal, "velocity": velocity}
+            self.probes[factor].run(feeds | {"residual": residual}, outputs)
+            compute = any_compute(caches, signal, step, factor)  # a host read per pass
+        if compute:
+            self.engines[factor].run(
+                feeds, {"velocity": velocity} | ({} if residual is None else {"residual": residual})
+            )
+        return compute
+
+    def _signal(self, passes: int) -> torch.Tensor:
+        """The TeaCache signal buffer [passes, D] (the probes' first output)."""
+        name = self.spec.teacache_outputs[0]
+        return torch.empty(passes, self.probes[next(iter(self.probes))].output_dim(name), device=self.device)
+
+    def _denoise(self, text, video, steps, seed, scale, tau, rho, schedule, cfg, caches, progress):
+        """``video`` is (frames, height, width). Returns (latent, step_ms, schedule, computed).
+
+        Engine calls per step: one batch of both passes (batched CFG) or one call per pass; pass 0 is the
+        conditional one. Buffers with a pass dimension (residuals, the TeaCache signal) are sliced per call."""
         spec, dev = self.spec, self.device
+        frames, height, width = video
         lh, lw = spec.latent_hw(height, width)
         shape = (1, spec.latent_channels, spec.latent_frames(frames), lh, lw)
         gen = torch.Generator("cpu").manual_seed(seed)
@@ -146,29 +215,34 @@ class WanRuntime:
         buf = torch.empty((n, *shape[1:]), device=dev)  # the engine's latent input
         velocity = torch.empty_like(buf)
         t_buf = torch.empty(n, device=dev)
-        hidden = torch.cat(text).contiguous() if batched else None
+        calls = (
+            [(slice(0, 2), torch.cat(text).contiguous())]
+            if batched
+            else [(slice(p, p + 1), t) for p, t in enumerate(text)]
+        )
+        residuals = self._residuals(len(text), frames, height, width)
+        signal = self._signal(len(text)) if caches else None
         scheduler = PatchScheduler(self.sizes, spec.native_patch, tau, rho, spec.scheduler.warmup)
         if schedule is None:
             scheduler.observe(latent)
-        used, step_ms = [], []
+        used, step_ms, computed = [], [], []
         for i in tqdm(range(steps), desc="denoise", unit="step", disable=not progress, leave=False):
             t0 = time.perf_counter()
             factor = scheduler.next_factor() if schedule is None else schedule[i]
-            engine = self.engines[factor]
+            res = residuals.get(factor)
             t_buf.fill_(float(timesteps[i]))
+            buf.copy_(latent.expand(n, *shape[1:]))
+            ran = []
+            for lane, states in calls:
+                feeds = {"latent": buf, "timestep": t_buf, "encoder_hidden_states": states}
+                lanes = [None if x is None else x[lane] for x in (res, signal, caches)]
+                ran.append(self._call(factor, i, feeds, velocity, *lanes))
+                if not batched and lane.start == 0:
+                    v = velocity.clone()  # the conditional velocity, before the unconditional pass overwrites it
             if batched:
-                buf.copy_(latent.expand(2, *shape[1:]))
-                engine.run({"latent": buf, "timestep": t_buf, "encoder_hidden_states": hidden}, {"velocity": velocity})
                 v = velocity[1:] + scale * (velocity[:1] - velocity[1:])
-            else:
-                buf.copy_(latent)
-                engine.run({"latent": buf, "timestep": t_buf, "encoder_hidden_states": text[0]}, {"velocity": velocity})
-                v = velocity.clone()
-                if guided:
-                    engine.run(
-                        {"latent": buf, "timestep": t_buf, "encoder_hidden_states": text[1]}, {"velocity": velocity}
-                    )
-                    v = velocity + scale * (v - velocity)
+            elif guided:
+                v = velocity + scale * (v - velocity)
             latent = sampler.step(v, i, latent)
             if schedule is None:
                 scheduler.observe(latent)
@@ -176,4 +250,5 @@ class WanRuntime:
                 torch.cuda.synchronize(dev)
             step_ms.append((time.perf_counter() - t0) * 1000)
             used.append(factor)
-        return latent, step_ms, used
+            computed.append(any(ran))
+        return latent, step_ms, used, computed

@@ -230,7 +230,7 @@ def test_manifest_loads_and_records_what_the_runtime_needs(wan_engines, wan_spec
 
 def test_graphs_have_no_float64_and_no_complex_tensors(wan_engines):
     graphs = sorted(wan_engines.glob("*.onnx"))
-    assert len(graphs) == 6  # 3 transformer sizes, text encoder, VAE first + step
+    assert len(graphs) == 9  # 3 transformer sizes, 3 TeaCache probes, text encoder, VAE first + step
     for path in graphs:
         assert double_tensors(path) == [] and complex_tensors(path) == [], path.name
 
@@ -259,6 +259,7 @@ def test_every_size_runs_at_untraced_padded_shapes(wan_engines, wan_spec, wan_pa
             "timestep",
             "encoder_hidden_states",
             "velocity",
+            "residual",  # what the blocks added: TeaCache's cache, at the size's own token grid
         ]
         with torch.no_grad(), wan_size_variant(transformer, adapters, k) as adapter:
             ref = WanEngine(transformer, wan_spec, k, adapter)(*args)
