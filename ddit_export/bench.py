@@ -230,9 +230,10 @@ class Bench:
             out[k] = _median(times)
         return out
 
-    def _flops(self, k: int) -> float | None:
-        if self.family != "flux":
-            return None
+    def _flops(self, k: int) -> float:
+        """The profile's analytic FLOPs of one call at size ``k`` (Wan: at the profile's opt frame count)."""
+        if self.family == "wan":
+            return self.spec.step_flops(k, self.spec.opt_frames, self.height, self.width)
         return self.spec.step_flops(k, self.height, self.width)
 
     def report(self) -> dict:

@@ -17,6 +17,9 @@ from ddit_runtime.patchify import pack, unpack
 
 from .adapters import DDiTAdapters, SizeAdapter, lora_config
 
+#: peft's LoRA A init is random: seeded per size factor, whatever the caller's RNG state (bit-identical runs).
+LORA_INIT_SEED = 20260211
+
 
 class Float32FluxPosEmbed(nn.Module):
     """diffusers' FluxPosEmbed in float32: TensorRT has no float64. ids [N, 3] -> (cos, sin), each [N, sum(axes)]."""
@@ -156,7 +159,9 @@ def applied_lora(transformer, adapters: DDiTAdapters, factor: int, merge: bool =
     from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
     name = f"ddit_size{factor}"
-    inject_adapter_in_model(lora_config(transformer, adapters.rank, adapters.alpha), transformer, adapter_name=name)
+    with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global RNG: make the init reproducible
+        torch.manual_seed(LORA_INIT_SEED + factor)
+        inject_adapter_in_model(lora_config(transformer, adapters.rank, adapters.alpha), transformer, adapter_name=name)
     layers = _lora_layers(transformer)
     try:
         try:

@@ -122,6 +122,21 @@ class WanSpec:
         rows, cols = self.token_grid(factor, height, width)
         return self.latent_frames(frames) * rows * cols
 
+    def step_flops(self, factor: int, frames: int, height: int, width: int, batch: int = 1) -> float:
+        """Analytic FLOPs (2 per multiply-add) of one transformer call at patch factor ``factor``.
+
+        With N video tokens, T text tokens, width D and FFN width F, a block runs self-attention projections
+        (4 D^2 per token) and the cross-attention query and output (2 D^2) on the N tokens, the cross-attention
+        keys and values (2 D^2) on the T tokens, the FFN (2 D F) on the N tokens, and attention scores and sums
+        over N x N (self) and N x T (cross), 2 N L D each. Plus the patch embedding and output head (C p^2 D each,
+        per token) and the text embedder (text_dim D + D^2 per text token). The per-sample time/AdaLN vectors
+        do not scale with tokens and are left out.
+        """
+        n, t, d = self.tokens_for(factor, frames, height, width), self.t5_max_length, self.inner_dim
+        per_block = n * (6 * d * d + 2 * d * self.ffn_dim) + t * 2 * d * d + 2 * n * n * d + 2 * n * t * d
+        embed = 2 * n * self.token_channels(factor) * d + t * (self.text_dim * d + d * d)
+        return 2.0 * batch * (self.num_layers * per_block + embed)
+
     def resolution_multiple(self, factors: tuple[int, ...] = (1,)) -> int:
         """Pixel multiple of height and width: the native patch must tile; coarse sizes pad (``factors`` unused)."""
         return self.vae_scale_factor * self.native_patch

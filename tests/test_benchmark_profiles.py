@@ -58,3 +58,15 @@ def test_random_without_configs_is_a_one_line_error():
     result = CliRunner().invoke(export_main, ["flux", "--model", "random", "--profile", "flux", "-o", "never"])
     assert result.exit_code == 2 and "no configs for random weights" in result.output
     assert result.output.count("\n") == 1
+
+
+def test_wan_flops_count_the_quadratic_attention():
+    spec = get_profile("wan")
+    native = spec.step_flops(1, 81, 480, 832)
+    n, d = spec.tokens_for(1, 81, 480, 832), spec.inner_dim
+    attention = spec.num_layers * 2 * (2 * n * n * d)  # self-attention scores and sums, 2 FLOPs per multiply-add
+    assert 0.6 < attention / native < 0.8  # at 81 frames (32760 tokens) attention dominates
+    # Fewer tokens cut attention quadratically: 2p is more than the 4x token ratio; 4p pads 60 rows to 64.
+    assert 8.0 < native / spec.step_flops(2, 81, 480, 832) < 9.0
+    assert 40 < native / spec.step_flops(4, 81, 480, 832) < 45
+    assert spec.step_flops(1, 81, 480, 832, batch=2) == 2 * native

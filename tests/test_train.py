@@ -26,9 +26,10 @@ SMALL = dict(rank=4, builtin_prompts=10, gen_steps=6, batch_size=4)
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_spec):
-    """A short real training run for sizes 2 and 4 (about 30 s on 2 cores)."""
+    """A short real training run for sizes 2 and 4 (about 30 s on 2 cores), on seeded random tiny weights: 50
+    Prodigy steps overshoot on the shipped trained model (held-out 2p 1.03 -> 1.20); its recipe trains 300."""
     out = tmp_path_factory.mktemp("train") / "adapters"
-    cfg = TrainConfig(model="tiny", sizes=(2, 4), output=out, steps=50, checkpoint_every=25, **SMALL)
+    cfg = TrainConfig(model="random", sizes=(2, 4), output=out, steps=50, checkpoint_every=25, **SMALL)
     report = Trainer(cfg, tiny_spec, progress=False).run()
     return out, report
 

@@ -1,0 +1,46 @@
+"""Per-size step ratios of the runtime against the bare engine call and the FLOP-ideal, in one run.
+
+    python benchmarks/per_size.py ENGINES_DIR [--steps 4] [--json OUT]
+
+The lean part of ``ddit-bench``: the fixed native, 2p and 4p schedules through the whole runtime step (scheduler
+cost added, engine call with its in-graph patchify, Euler update), the bare engine call per size, and the
+profile's analytic FLOP ratio. It loads no TeaCache probes and runs no DDiT sweep, so it fits where the full
+``ddit-bench`` does not: ``flux-dev-shape`` at 1024x1024 (4096 / 1024 / 256 image tokens + 512 text tokens) on a
+24 GB machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ddit_export.bench import Bench, Method, builtin_prompts, markdown
+from ddit_runtime.pipeline import FluxRuntime
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("engines")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    runtime = FluxRuntime(args.engines, provider="cpu")
+    bench = Bench(runtime, builtin_prompts("flux", 1), seeds=1, steps=args.steps, progress=True)
+    for _ in range(2):  # the first runs at large token counts are slow: warm every size up twice
+        for k in runtime.sizes:
+            bench._generate(bench.prompts[0], 0, dict(schedule=[k] * args.steps))
+    methods = [Method("native", "baseline", dict(schedule=[1] * args.steps))]
+    methods += [Method(f"fixed {k}p", "fixed", dict(schedule=[k] * args.steps)) for k in runtime.sizes if k > 1]
+    bench.done = [bench.run_method(m) for m in methods]
+    bench.tau = runtime.spec.scheduler.tau
+    report = bench.report()
+    print(markdown(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
