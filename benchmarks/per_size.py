@@ -4,9 +4,10 @@
 
 The lean part of ``ddit-bench``: the fixed native, 2p and 4p schedules through the whole runtime step (scheduler
 cost added, engine call with its in-graph patchify, Euler update), the bare engine call per size, and the
-profile's analytic FLOP ratio. It loads no TeaCache probes and runs no DDiT sweep, so it fits where the full
-``ddit-bench`` does not: ``flux-dev-shape`` at 1024x1024 (4096 / 1024 / 256 image tokens + 512 text tokens) on a
-24 GB machine.
+profile's analytic FLOP ratio. It loads no TeaCache probes and runs no DDiT sweep, so it needs less memory than
+the full ``ddit-bench``. Not enough for ``flux-dev-shape`` at 1024x1024 on a 24 GB machine, though: three ORT CPU
+sessions of 2.2 GB weights, each with its own arena sized at its largest shape, peaked at 24.3 GB there and were
+OOM-killed (2026-11-23). It needs about 32 GB, or the arena work noted in the README.
 """
 
 from __future__ import annotations
