@@ -300,3 +300,15 @@ class TrtEngine:
         with torch.cuda.graph(graph, stream=self.stream):  # synchronizes once: the only host wait in run
             self._execute()
         return graph
+
+
+def teacache_probe(manifest, engine: OrtEngine, factor: int, device: torch.device) -> OrtEngine:
+    """The TeaCache probe of size ``factor`` beside its transformer ``engine``; a one-line error for folders
+    exported before TeaCache (no probe in the manifest, or no ``residual`` output on the engine)."""
+    meta = manifest.data["components"]["transformer"][str(factor)].get("teacache")
+    if meta is None or "residual" not in engine.output_names:
+        raise DDiTError(
+            f"engines folder '{manifest.folder}' has no TeaCache probes (exported before TeaCache): "
+            "re-export it with ddit-export to use --teacache"
+        )
+    return OrtEngine(manifest.path(meta["onnx"]), device)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ddit_profiles import DDiTError
 
-from .engine import OrtEngine, pick_device
+from .engine import OrtEngine, pick_device, teacache_probe
 from .manifest import Manifest, load_manifest
 from .scheduler import PatchScheduler
 from .sigmas import flux_sigmas
@@ -75,13 +75,7 @@ class FluxRuntime:
 
     def _probe(self, factor: int) -> OrtEngine:
         if factor not in self.probes:
-            meta = self.manifest.data["components"]["transformer"][str(factor)].get("teacache")
-            if meta is None or "residual" not in self.engines[factor].output_names:
-                raise DDiTError(
-                    f"engines folder '{self.manifest.folder}' has no TeaCache probes (exported before TeaCache): "
-                    "re-export it with ddit-export to use --teacache"
-                )
-            self.probes[factor] = OrtEngine(self.manifest.path(meta["onnx"]), self.device)
+            self.probes[factor] = teacache_probe(self.manifest, self.engines[factor], factor, self.device)
         return self.probes[factor]
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
