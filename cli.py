@@ -69,9 +69,21 @@ def _parse_sizes(text: str) -> list[int]:
 )
 @click.option("-o", "--output", default="engines", show_default=True, help="Engines folder to create.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists (only once the export succeeded).")
+@click.option(
+    "--trt",
+    is_flag=True,
+    help="Also build a TensorRT engine per graph for this GPU (as ddit-build does after the export). Needs the "
+    "[trt] extra and an NVIDIA GPU; checked before anything is exported.",
+)
+@click.option(
+    "--opt-level",
+    type=click.IntRange(0, 5),
+    default=None,
+    help="With --trt: TensorRT builder optimisation level, 0-5 (default: TensorRT's, 3).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_one_line_errors
-def export_main(family, sizes, model, profile_name, adapters, output, force, quiet):
+def export_main(family, sizes, model, profile_name, adapters, output, force, trt, opt_level, quiet):
     """Export FAMILY (flux or wan) to one ONNX graph per patch size, plus text encoders, VAE decoder, tokenizers.
 
     Every graph is checked against torch with ONNX Runtime before the folder is renamed into place.
@@ -86,6 +98,12 @@ def export_main(family, sizes, model, profile_name, adapters, output, force, qui
     if spec.family != family:
         raise DDiTError(f"profile '{spec.name}' is for family '{spec.family}', not '{family}'")
     factors = spec.check_factors(_parse_sizes(sizes))
+    if opt_level is not None and not trt:
+        raise DDiTError("--opt-level applies to the TensorRT build: add --trt, or leave it out")
+    if trt:
+        from ddit_export.trt_build import detect_target
+
+        detect_target()  # one line, before any export work, when TensorRT or a GPU is missing
     if family == "wan":  # heavy imports only once the arguments are sound
         from ddit_export.wan_export import export_wan as export
     else:
@@ -98,6 +116,27 @@ def export_main(family, sizes, model, profile_name, adapters, output, force, qui
         f"max |onnx - torch| {', '.join(f'{k} {v:.2g}' for k, v in errs.items())}",
         err=True,
     )
+    if trt:
+        _build_and_say(output, None, opt_level, None, force=False, quiet=quiet)
+
+
+def _backend_options(fn):
+    """``--backend`` (and ``--provider``, its older ONNX Runtime-only spelling, hidden)."""
+    fn = click.option(
+        "--provider",
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        default=None,
+        hidden=True,
+        help="Older name: cpu = --backend ort-cpu, cuda = --backend ort-cuda.",
+    )(fn)
+    return click.option(
+        "--backend",
+        type=click.Choice(["auto", "ort-cpu", "ort-cuda", "trt"]),
+        default=None,
+        help="What runs the engines. auto (the default) picks TensorRT when the folder has engines built for this "
+        "GPU and TensorRT release (ddit-build), else ONNX Runtime CUDA (onnxruntime-gpu), else ONNX Runtime on the "
+        "CPU, and says which and why.",
+    )(fn)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -144,17 +183,16 @@ def export_main(family, sizes, model, profile_name, adapters, output, force, qui
 )
 @click.option("--frames-dir", default=None, help="Wan: write PNG frames into this folder instead of an MP4.")
 @click.option("--fps", type=int, default=16, show_default=True, help="Wan: MP4 frame rate.")
+@_backend_options
 @click.option(
-    "--provider",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="ONNX Runtime execution provider.",
+    "--cuda-graphs",
+    is_flag=True,
+    help="trt: capture a CUDA graph per (engine, shape) on first use and replay it after.",
 )
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine files (sizes are still checked).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the schedule and timings on stdout.")
 @_one_line_errors
-def run_main(engines, prompt, output, steps, schedule, provider, no_verify, as_json, **opts):
+def run_main(engines, prompt, output, steps, schedule, backend, provider, cuda_graphs, no_verify, as_json, **opts):
     """Generate from ENGINES_DIR (made by ddit-export), switching patch-size engines per step.
 
     FLUX engines write a PNG; Wan engines write an MP4 (or PNG frames with --frames-dir).
@@ -170,7 +208,8 @@ def run_main(engines, prompt, output, steps, schedule, provider, no_verify, as_j
     check_prompt(prompt)
     family = peek_family(engines)
     if family == "wan":
-        runtime, result, path = _run_wan(engines, prompt, output, steps, schedule, provider, no_verify, as_json, opts)
+        load = dict(backend=backend, provider=provider, cuda_graphs=cuda_graphs, verify=not no_verify)
+        runtime, result, path = _run_wan(engines, prompt, output, steps, schedule, load, as_json, opts)
     else:
         wan_only = [k for k in ("frames", "negative_prompt", "guidance_scale", "frames_dir") if opts[k] is not None]
         if wan_only:
@@ -179,7 +218,10 @@ def run_main(engines, prompt, output, steps, schedule, provider, no_verify, as_j
         from ddit_runtime.pipeline import FluxRuntime
 
         output = check_png_path(output or "ddit.png")
-        runtime = FluxRuntime(engines, provider=provider, verify=not no_verify)
+        runtime = FluxRuntime(
+            engines, backend=backend, provider=provider, cuda_graphs=cuda_graphs, verify=not no_verify
+        )
+        _say_backend(runtime, as_json)
         steps = runtime.spec.scheduler.steps if steps is None else steps
         fixed = parse_schedule(schedule, steps, runtime.sizes)
         keys = ("seed", "height", "width", "guidance", "tau", "rho", "teacache")
@@ -190,7 +232,7 @@ def run_main(engines, prompt, output, steps, schedule, provider, no_verify, as_j
     _report(runtime, result, path, as_json)
 
 
-def _run_wan(engines, prompt, output, steps, schedule, provider, no_verify, as_json, opts):
+def _run_wan(engines, prompt, output, steps, schedule, load, as_json, opts):
     from ddit_runtime.scheduler import parse_schedule
     from ddit_runtime.video import check_video_path, save_frames, save_mp4
     from ddit_runtime.wan_pipeline import WanRuntime
@@ -199,7 +241,8 @@ def _run_wan(engines, prompt, output, steps, schedule, provider, no_verify, as_j
         raise DDiTError("--guidance is FLUX's embedded guidance: use --guidance-scale for Wan engines")
     if opts["frames_dir"] is None:
         output = check_video_path(output or "ddit.mp4")
-    runtime = WanRuntime(engines, provider=provider, verify=not no_verify)
+    runtime = WanRuntime(engines, **load)
+    _say_backend(runtime, as_json)
     steps = runtime.spec.scheduler.steps if steps is None else steps
     fixed = parse_schedule(schedule, steps, runtime.sizes)
     keys = ("negative_prompt", "frames", "height", "width", "seed", "guidance_scale", "tau", "rho", "cfg", "teacache")
@@ -210,6 +253,12 @@ def _run_wan(engines, prompt, output, steps, schedule, provider, no_verify, as_j
     else:
         path = save_mp4(result.image, output, settings, fps=opts["fps"])
     return runtime, result, path
+
+
+def _say_backend(runtime, as_json: bool) -> None:
+    """At load, on stderr: which backend runs the engines and why, and the weight memory they hold."""
+    if not as_json:
+        click.echo(f"{runtime.backend}; {runtime.loader.resident}", err=True)
 
 
 def _report(runtime, result, path, as_json: bool) -> None:
@@ -226,6 +275,7 @@ def _report(runtime, result, path, as_json: bool) -> None:
                     coarse_fraction=round(coarse, 4),
                     computed=result.computed or None,
                     device=str(runtime.device),
+                    backend=runtime.backend.name,
                     **result.settings,
                 )
             )
@@ -419,19 +469,13 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
     default=None,
     help="TeaCache thresholds, comma-separated (default: the profile's presets, 0.25,0.4,0.6). FLUX only.",
 )
-@click.option(
-    "--provider",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="ONNX Runtime execution provider.",
-)
+@_backend_options
 @click.option("--json", "json_out", default=None, help="Write the full report (every run) as JSON here.")
 @click.option("--plot", "plot_out", default=None, help="Write quality-vs-speed and schedule plots (PNG) here.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_one_line_errors
 def bench_main(
-    engines, prompts_file, count, seeds, steps, taus, teacache_thresholds, provider, json_out, plot_out, quiet
+    engines, prompts_file, count, seeds, steps, taus, teacache_thresholds, backend, provider, json_out, plot_out, quiet
 ):
     """Measure every schedule on ENGINES_DIR side by side, in one process, on the same prompts and seeds.
 
@@ -456,7 +500,8 @@ def bench_main(
         steps,
         _float_list(taus, "--taus"),
         _float_list(teacache_thresholds, "--teacache-thresholds"),
-        provider,
+        backend=backend,
+        provider=provider,
         progress=not quiet,
     )
     click.echo(markdown(report))
@@ -495,11 +540,16 @@ def build_main(engines, opt_level, timing_cache, sizes, force, quiet):
     Example:
       ddit-build engines/ --opt-level 3
     """
-    from ddit_export.trt_build import build_engines, require_tensorrt
-    from ddit_runtime.backends import format_bytes
+    from ddit_export.trt_build import require_tensorrt
 
     require_tensorrt()  # before anything else: one line when TensorRT is missing
-    chosen = _parse_sizes(sizes) if sizes else None
+    _build_and_say(engines, _parse_sizes(sizes) if sizes else None, opt_level, timing_cache, force, quiet)
+
+
+def _build_and_say(engines, chosen, opt_level, timing_cache, force: bool, quiet: bool) -> None:
+    from ddit_export.trt_build import build_engines
+    from ddit_runtime.backends import format_bytes
+
     block = build_engines(engines, chosen, opt_level, timing_cache, force, progress=not quiet)
     plans = block["plans"]
     click.echo(

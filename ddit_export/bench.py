@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,6 +301,7 @@ class Bench:
             family=self.family,
             profile=self.spec.name,
             device=str(self.runtime.device),
+            backend=self.runtime.backend.name,
             height=self.height,
             width=self.width,
             steps=self.steps,
@@ -315,7 +317,7 @@ class Bench:
 def markdown(report: dict) -> str:
     """The report as two markdown tables (per size; per method) and the scheduler overhead."""
     lines = [
-        f"{report['profile']} on {report['device']}, {report['height']}x{report['width']}, {report['steps']} steps, "
+        f"{report['profile']} on {report['device']} ({report.get('backend', 'ort')}), {report['height']}x{report['width']}, {report['steps']} steps, "
         f"{len(report['prompts'])} prompts x {report['seeds']} seeds",
         "",
         "| size | runtime step ms | ratio | DDiT's steps ms | bare engine ms | bare ratio | runtime/bare | FLOP-ideal "
@@ -395,7 +397,8 @@ def run_bench(
     steps: int | None = None,
     taus: list[float] | None = None,
     thresholds: list[float] | None = None,
-    provider: str = "auto",
+    backend: str | None = None,
+    provider: str | None = None,
     progress: bool = True,
 ) -> dict:
     from ddit_runtime.manifest import peek_family
@@ -407,7 +410,9 @@ def run_bench(
         from ddit_runtime.pipeline import FluxRuntime as Runtime
     if seeds < 1 or count < 1:
         raise DDiTError("--seeds and --count must be at least 1")
-    runtime = Runtime(engines, provider=provider)
+    runtime = Runtime(engines, backend=backend, provider=provider)
+    if progress:
+        print(f"{runtime.backend}; {runtime.loader.resident}", file=sys.stderr, flush=True)
     prompts = read_prompt_file(prompts_file) if prompts_file else builtin_prompts(runtime.spec.family, count)
     bench = Bench(runtime, prompts, seeds, steps, progress)
     report = bench.run(taus, thresholds)

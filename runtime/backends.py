@@ -329,3 +329,63 @@ def describe_resident(manifest: Manifest, sizes, backend: str, teacache: bool = 
     parts = resident_components(manifest, sizes, backend, teacache)
     listing = ", ".join(f"{key} {format_bytes(n)}" for key, n in parts.items())
     return f"resident weights {format_bytes(sum(parts.values()))} on {backend}: {listing}"
+
+
+# ---- one runtime's engines --------------------------------------------------------------------------------------
+
+PROVIDER_BACKENDS = {"auto": "auto", "cpu": "ort-cpu", "cuda": "ort-cuda"}  # the older ``--provider`` names
+
+
+def backend_from_provider(backend: str | None, provider: str | None) -> str:
+    """The backend a runtime was asked for: ``backend``, else the older ``provider`` (auto|cpu|cuda), else auto."""
+    if backend is not None and provider is not None:
+        raise DDiTError("give --backend or --provider, not both (--provider cpu is --backend ort-cpu)")
+    if provider is not None:
+        if provider not in PROVIDER_BACKENDS:
+            raise DDiTError(f"unknown provider '{provider}': choose one of auto, cpu, cuda (or use --backend)")
+        return PROVIDER_BACKENDS[provider]
+    return "auto" if backend is None else backend
+
+
+class EngineSet:
+    """Opens the graphs of one engines folder on one backend, after checking that their weights fit.
+
+    ``select_backend`` -> ``backend_device`` -> ``check_fits(resident_weight_bytes)`` -> ``make_engine`` per graph
+    key. TensorRT engines share one stream and one scratch block (``SharedDeviceMemory``); ``TrtEngine.run`` orders
+    itself after the caller's stream with events, so the denoising loop needs no stream switch.
+    ``backend.reason`` and ``resident`` are what the CLI prints at load.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        backend: str = "auto",
+        sizes=None,
+        device: torch.device | int | None = None,
+        verify: bool = True,
+        cuda_graphs: bool = False,
+        machine: Machine | None = None,
+    ):
+        self.manifest, self.verify, self.cuda_graphs = manifest, verify, cuda_graphs
+        self.backend = select_backend(backend, manifest, device, sizes, machine)
+        self.device = backend_device(self.backend.name, device)
+        name = self.backend.name
+        sizes = manifest.sizes if sizes is None else tuple(sizes)
+        where = "the GPU" if self.device.type == "cuda" else "this machine"
+        check_fits(
+            resident_weight_bytes(manifest, sizes, name),
+            free_memory_bytes(self.device),
+            f"sizes {','.join(map(str, sizes))}",
+            where,
+        )
+        self.resident = describe_resident(manifest, sizes, name)
+        self.shared = SharedDeviceMemory(self.device) if name == "trt" else None
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def open(self, key: str) -> OrtEngine | TrtEngine:
+        """The engine of graph ``key`` (``transformer_k2``, ``teacache_k4``, ``text_encoder``, ``vae_decoder``...)."""
+        path = component_file(self.manifest, key, self.name, verify=self.verify)
+        return make_engine(self.name, path, self.device, self.shared, self.cuda_graphs)

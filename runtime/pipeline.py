@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from ddit_profiles import DDiTError
 
-from .engine import OrtEngine, pick_device, teacache_probe
+from .backends import EngineSet, backend_from_provider
+from .engine import OrtEngine, teacache_probe
 from .manifest import Manifest, load_manifest
 from .scheduler import PatchScheduler
 from .sigmas import flux_sigmas
@@ -38,10 +39,18 @@ class Generation:
 class FluxRuntime:
     """Loads an engines folder (validated first) and generates images from prompts."""
 
-    def __init__(self, folder: str | Path, provider: str = "auto", verify: bool = True, sizes=None):
+    def __init__(
+        self,
+        folder: str | Path,
+        provider: str | None = None,
+        verify: bool = True,
+        sizes=None,
+        backend: str | None = None,
+        cuda_graphs: bool = False,
+    ):
+        """``backend``: auto|ort-cpu|ort-cuda|trt (``provider`` auto|cpu|cuda is the older name for the ORT ones)."""
         self.manifest: Manifest = load_manifest(folder, verify=verify)
         self.spec = self.manifest.spec
-        self.device = pick_device(provider)
         wanted = self.manifest.sizes if sizes is None else tuple(sizes)
         missing = [k for k in wanted if k not in self.manifest.sizes]
         if missing:
@@ -50,10 +59,14 @@ class FluxRuntime:
                 f"{list(self.manifest.sizes)}): re-export with them or drop them"
             )
         self.sizes = wanted
-        self.engines = {k: OrtEngine(self.manifest.transformer_path(k), self.device) for k in self.sizes}
+        self.loader = EngineSet(
+            self.manifest, backend_from_provider(backend, provider), self.sizes, verify=verify, cuda_graphs=cuda_graphs
+        )
+        self.backend, self.device = self.loader.backend, self.loader.device
+        self.engines = {k: self.loader.open(f"transformer_k{k}") for k in self.sizes}
         self.probes: dict[int, OrtEngine] = {}  # TeaCache probes, loaded on first use
         self.text = {name: self._text_component(name) for name in ("text_encoder", "text_encoder_2")}
-        self.vae = OrtEngine(self.manifest.path(self.manifest.component("vae_decoder")["onnx"]), self.device)
+        self.vae = self.loader.open("vae_decoder")
 
     def _text_component(self, name: str):
         meta = self.manifest.component(name)
@@ -64,7 +77,7 @@ class FluxRuntime:
             meta["pad_token"],
             "CLIP" if name == "text_encoder" else "T5",
         )
-        return tokenizer, OrtEngine(self.manifest.path(meta["onnx"]), self.device)
+        return tokenizer, self.loader.open(name)
 
     def encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         """prompt -> (T5 states [1, T, D], pooled CLIP [1, P]) on the runtime's device."""
@@ -75,7 +88,7 @@ class FluxRuntime:
 
     def _probe(self, factor: int) -> OrtEngine:
         if factor not in self.probes:
-            self.probes[factor] = teacache_probe(self.manifest, self.engines[factor], factor, self.device)
+            self.probes[factor] = teacache_probe(self.manifest, self.engines[factor], factor, self.loader.open)
         return self.probes[factor]
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from ddit_profiles import DDiTError
 
-from .engine import OrtEngine, pick_device, teacache_probe
+from .backends import EngineSet, backend_from_provider
+from .engine import OrtEngine, teacache_probe
 from .manifest import load_manifest
 from .pipeline import Generation
 from .scheduler import PatchScheduler
@@ -32,27 +33,40 @@ CFG_MODES = ("batched", "two-pass")
 class WanRuntime:
     """Loads a Wan engines folder (validated first) and generates videos from prompts."""
 
-    def __init__(self, folder: str | Path, provider: str = "auto", verify: bool = True, sizes=None):
+    def __init__(
+        self,
+        folder: str | Path,
+        provider: str | None = None,
+        verify: bool = True,
+        sizes=None,
+        backend: str | None = None,
+        cuda_graphs: bool = False,
+    ):
+        """``backend``: auto|ort-cpu|ort-cuda|trt (``provider`` auto|cpu|cuda is the older name for the ORT ones)."""
         self.manifest = load_manifest(folder, verify=verify)
         if self.manifest.data["family"] != "wan":
             raise DDiTError(f"'{folder}' holds {self.manifest.data['family']} engines, not Wan ones")
-        self.spec, self.device = self.manifest.spec, pick_device(provider)
+        self.spec = self.manifest.spec
         self.sizes = tuple(sizes) if sizes is not None else self.manifest.sizes
         missing = [k for k in self.sizes if k not in self.manifest.sizes]
         if missing:
             raise DDiTError(
                 f"patch sizes {missing} were not exported to '{folder}' (it has {list(self.manifest.sizes)})"
             )
-        self.engines = {k: OrtEngine(self.manifest.transformer_path(k), self.device) for k in self.sizes}
+        self.loader = EngineSet(
+            self.manifest, backend_from_provider(backend, provider), self.sizes, verify=verify, cuda_graphs=cuda_graphs
+        )
+        self.backend, self.device = self.loader.backend, self.loader.device
+        self.engines = {k: self.loader.open(f"transformer_k{k}") for k in self.sizes}
         self.probes: dict[int, OrtEngine] = {}  # TeaCache probes, loaded on first use
         text = self.manifest.component("text_encoder")
         self.tokenizer = PromptTokenizer(
             self.manifest.path(text["tokenizer"]), text["max_length"], text["pad_id"], text["pad_token"], "umT5"
         )
-        self.text_encoder = OrtEngine(self.manifest.path(text["onnx"]), self.device)
+        self.text_encoder = self.loader.open("text_encoder")
         vae = self.manifest.component("vae_decoder")
-        self.vae_first = OrtEngine(self.manifest.path(vae["onnx"]), self.device)
-        self.vae_step = OrtEngine(self.manifest.path(vae["step_onnx"]), self.device)
+        self.vae_first = self.loader.open("vae_decoder")
+        self.vae_step = self.loader.open("vae_decoder_step")
         self.cache_in, self.cache_out = vae["cache_inputs"], vae["cache_outputs"]
         latent = self.manifest.data["latent"]
         shape = (1, self.spec.latent_channels, 1, 1, 1)
@@ -67,7 +81,7 @@ class WanRuntime:
 
     def _probe(self, factor: int) -> OrtEngine:
         if factor not in self.probes:
-            self.probes[factor] = teacache_probe(self.manifest, self.engines[factor], factor, self.device)
+            self.probes[factor] = teacache_probe(self.manifest, self.engines[factor], factor, self.loader.open)
         return self.probes[factor]
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

@@ -14,13 +14,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ddit_cli import build_main
+from ddit_cli import build_main, run_main
 from ddit_export.trt_build import TrtTarget, build_engines, input_profile, plan_name
 from ddit_profiles import DDiTError
 from ddit_runtime.backends import (
     Backend,
+    EngineSet,
     Machine,
     backend_device,
+    backend_from_provider,
     check_fits,
     check_trt_compat,
     component_file,
@@ -34,6 +36,7 @@ from ddit_runtime.backends import (
 )
 from ddit_runtime.engine import tensorrt_version
 from ddit_runtime.manifest import load_manifest, sha256_file
+from ddit_runtime.pipeline import FluxRuntime
 
 H100 = TrtTarget("10.13.0.35", "sm90", "NVIDIA H100 80GB HBM3")
 GPU_MACHINE = Machine(cuda=True, ort_cuda=True, trt_version="10.13.0.35", cc="sm90", gpu="NVIDIA H100 80GB HBM3")
@@ -442,6 +445,83 @@ def test_describe_resident_and_free_memory(tiny_engines):
     assert free_memory_bytes(torch.device("cpu")) > 0
 
 
+# ---- the runtimes on a backend: EngineSet, --backend ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("backend", "provider", "expected"),
+    [(None, None, "auto"), ("trt", None, "trt"), (None, "cpu", "ort-cpu"), (None, "cuda", "ort-cuda")],
+)
+def test_backend_from_provider(backend, provider, expected):
+    assert backend_from_provider(backend, provider) == expected
+
+
+def test_backend_and_provider_together_is_one_line():
+    with pytest.raises(DDiTError) as e:
+        backend_from_provider("ort-cpu", "cpu")
+    assert "not both" in _one_line(e)
+    with pytest.raises(DDiTError) as e:
+        backend_from_provider(None, "rocm")
+    assert "rocm" in _one_line(e)
+
+
+def test_engine_set_opens_every_graph_on_ort_cpu(tiny_engines):
+    manifest = load_manifest(tiny_engines, verify=False)
+    engines = EngineSet(manifest, "ort-cpu", sizes=(1, 4))
+    assert engines.backend == Backend("ort-cpu", "requested") and engines.device.type == "cpu"
+    assert engines.shared is None and engines.resident == describe_resident(manifest, (1, 4), "ort-cpu")
+    for key in ("transformer_k1", "transformer_k4", "teacache_k4", "text_encoder", "text_encoder_2", "vae_decoder"):
+        engine = engines.open(key)
+        assert engine.session._model_path.endswith(graphs(manifest.data)[key].onnx)
+
+
+def test_engine_set_refuses_weights_that_do_not_fit(tiny_engines, monkeypatch):
+    import ddit_runtime.backends as backends
+
+    monkeypatch.setattr(backends, "free_memory_bytes", lambda device: 1024)
+    with pytest.raises(DDiTError) as e:
+        EngineSet(load_manifest(tiny_engines, verify=False), "ort-cpu", sizes=(1, 2))
+    text = _one_line(e)
+    assert "for sizes 1,2 but this machine has 0.0 MiB free" in text, text
+    assert "--sizes" in text
+
+
+@no_cuda
+def test_runtime_backend_auto_on_the_cpu_says_why(tiny_engines):
+    runtime = FluxRuntime(tiny_engines, verify=False, sizes=(1,))
+    assert runtime.backend == Backend("ort-cpu", "no CUDA device") and runtime.device.type == "cpu"
+    assert FluxRuntime(tiny_engines, provider="cpu", verify=False, sizes=(1,)).backend.name == "ort-cpu"
+
+
+def test_runtime_backends_agree_on_the_cpu(tiny_engines):
+    """``--backend ort-cpu`` and the older ``--provider cpu`` load the same graphs: identical images."""
+    a = FluxRuntime(tiny_engines, backend="ort-cpu", verify=False).generate("a red circle", steps=3, progress=False)
+    b = FluxRuntime(tiny_engines, provider="cpu", verify=False).generate("a red circle", steps=3, progress=False)
+    assert torch.equal(a.image, b.image)
+
+
+@no_cuda
+@pytest.mark.parametrize("backend", ["trt", "ort-cuda"])
+def test_ddit_run_gpu_backend_without_a_gpu_is_one_line(tiny_engines, tmp_path, backend):
+    out = tmp_path / "x.png"
+    args = [str(tiny_engines), "--prompt", "a red circle", "--backend", backend, "-o", str(out)]
+    result = CliRunner().invoke(run_main, args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    line = result.stderr.strip()
+    assert line.startswith(f"error: --backend {backend} needs ") and "\n" not in line, line
+    assert not out.exists()
+
+
+def test_ddit_run_says_which_backend(tiny_engines, tmp_path):
+    out = tmp_path / "x.png"
+    args = [str(tiny_engines), "--prompt", "a red circle", "--backend", "ort-cpu", "--steps", "2", "-o", str(out)]
+    result = CliRunner().invoke(run_main, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "backend: ort-cpu (requested); resident weights " in result.stderr and out.is_file()
+    json_run = CliRunner().invoke(run_main, [*args, "--json", "--provider", "cpu"])
+    assert json_run.exit_code == 2 and "not both" in json_run.stderr
+
+
 # ---- ddit-build without TensorRT, and the import boundary ------------------------------------------------------
 
 
@@ -470,3 +550,15 @@ def test_backends_import_no_exporter_and_no_tensorrt():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@no_trt
+def test_ddit_export_trt_without_tensorrt_fails_before_exporting(tmp_path):
+    from ddit_cli import export_main
+
+    out = tmp_path / "engines"
+    result = CliRunner().invoke(export_main, ["flux", "--sizes", "1", "--trt", "-o", str(out), "--quiet"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert result.stderr.strip().startswith("error: ddit-build needs TensorRT") and not out.exists()
+    bad = CliRunner().invoke(export_main, ["flux", "--sizes", "1", "--opt-level", "3", "-o", str(out)])
+    assert bad.exit_code == 2 and "add --trt" in bad.stderr and not out.exists()
