@@ -5,9 +5,8 @@
 The lean part of ``ddit-bench``: the fixed native, 2p and 4p schedules through the whole runtime step (scheduler
 cost added, engine call with its in-graph patchify, Euler update), the bare engine call per size, and the
 profile's analytic FLOP ratio. It loads no TeaCache probes and runs no DDiT sweep, so it needs less memory than
-the full ``ddit-bench``. Not enough for ``flux-dev-shape`` at 1024x1024 on a 24 GB machine, though: three ORT CPU
-sessions of 2.2 GB weights, each with its own arena sized at its largest shape, peaked at 24.3 GB there and were
-OOM-killed (2026-11-23). It needs about 32 GB, or the arena work noted in the README.
+the full ``ddit-bench``: on ``flux-dev-shape`` at 1024x1024 it peaked at 22.0 GB resident (2026-11-23, with the
+runtime's shared CPU arena; before it, 24.3 GB and OOM-killed), and took 7 minutes on 2 cores.
 """
 
 from __future__ import annotations
