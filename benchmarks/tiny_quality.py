@@ -48,6 +48,9 @@ def compare(runtime, seeds: list[int], simple: bool | None, steps: int, tau: flo
                 ddit_s=ddit.total_s,
             )
         )
+        if prompt.frame_scores is not None:  # Wan: per frame
+            rows[-1]["native_frames"] = prompt.frame_scores(native.image)
+            rows[-1]["ddit_frames"] = prompt.frame_scores(ddit.image)
     attrs = [k for k in rows[0]["native"] if k != "score"]
     return dict(
         n=len(rows),
@@ -60,7 +63,17 @@ def compare(runtime, seeds: list[int], simple: bool | None, steps: int, tau: flo
         coarse_fraction=_mean([r["coarse"] for r in rows]),
         time_ratio=sum(r["native_s"] for r in rows) / sum(r["ddit_s"] for r in rows),
         rows=rows,
-    )
+    ) | _per_frame(rows)
+
+
+def _per_frame(rows: list[dict]) -> dict:
+    """Wan: the mean score of each frame index over the captions, native and DDiT."""
+    if "native_frames" not in rows[0]:
+        return {}
+    return {
+        f"{name}_per_frame": [_mean(list(col)) for col in zip(*(r[f"{name}_frames"] for r in rows), strict=True)]
+        for name in ("native", "ddit")
+    }
 
 
 def main(argv=None) -> int:
@@ -104,6 +117,11 @@ def main(argv=None) -> int:
         f"DDiT vs native: SSIM {overall['ssim']:.3f}, PSNR {overall['psnr']:.1f} dB, "
         f"coarse steps {overall['coarse_fraction']:.1%}, wall-clock ratio {overall['time_ratio']:.2f}x"
     )
+    if "native_per_frame" in overall:
+        print("| per frame | " + " | ".join(str(i) for i in range(len(overall["native_per_frame"]))) + " |")
+        print("|---|" + "---|" * len(overall["native_per_frame"]))
+        for name in ("native", "ddit"):
+            print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in overall[f"{name}_per_frame"]) + " |")
     print(
         f"coarse fraction: simple captions {report['simple_coarse_fraction']:.1%} "
         f"({simple['n']}), detailed captions {report['detailed_coarse_fraction']:.1%} ({detailed['n']})"

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ddit_profiles import DDiTError
 
-from .evaluator import evaluate, evaluate_frames
+from .evaluator import evaluate, evaluate_frames, frame_scores
 from .quality import psnr, ssim
 from .shapes import sample_clip, scene_from_seed
 
@@ -36,6 +36,7 @@ class Prompt:
     text: str
     score: object = None
     simple: bool | None = None
+    frame_scores: object = None  # Wan: video -> per-frame scores (``evaluator.frame_scores``)
 
 
 def example(family: str, seed: int, simple: bool | None = None) -> Prompt:
@@ -46,6 +47,7 @@ def example(family: str, seed: int, simple: bool | None = None) -> Prompt:
             clip.caption(),
             lambda video: evaluate_frames(list(video), clip.scene, clip.motion, clip.second_colour),
             simple,
+            lambda video: frame_scores(list(video), clip.scene, clip.motion, clip.second_colour),
         )
     scene = scene_from_seed(seed, simple)
     return Prompt(scene.caption(), lambda image: evaluate(image, scene), simple)

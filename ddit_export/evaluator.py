@@ -252,14 +252,7 @@ def evaluate_frames(
     last frames show the two colours. ``score`` is the mean of all the other keys.
     """
     second = check_clip(scene, motion, second_colour) if motion else None
-    n = len(frames)
-    side = max(to_array(frames[0]).shape[:2])
-    analyses = [analyse(f, MIN_AREA * expected_area(scene.size, side)) for f in frames]
-    per_frame = []
-    for i, a in enumerate(analyses):
-        colour = second if motion == "recolour" and i >= n // 2 else None
-        position = OPPOSITE[scene.position] if motion == "move" and i == n - 1 and n > 1 else None
-        per_frame.append(_score(a, scene, position, colour))
+    analyses, per_frame = _per_frame(frames, scene, motion, second_colour)
     scores = {k: float(np.mean([s[k] for s in per_frame])) for k in ATTRIBUTES}
     if motion == "move":
         scores["position"] = (per_frame[0]["position"] + per_frame[-1]["position"]) / 2
@@ -268,6 +261,32 @@ def evaluate_frames(
         scores["motion"] = float(analyses[0].colour == scene.colour and analyses[-1].colour == second)
     scores["score"] = sum(scores.values()) / len(scores)
     return scores
+
+
+def frame_scores(frames, scene: Scene, motion: str | None = None, second_colour: str | None = None) -> list[float]:
+    """Per frame, the mean of its attribute scores (what that frame is expected to show, as in ``evaluate_frames``).
+    The middle frames of a ``move`` clip are in transit, so their position is not scored."""
+    per_frame = _per_frame(frames, scene, motion, second_colour)[1]
+    out = []
+    for i, scores in enumerate(per_frame):
+        if motion == "move" and 0 < i < len(per_frame) - 1:
+            scores = {k: v for k, v in scores.items() if k != "position"}
+        out.append(sum(scores.values()) / len(scores))
+    return out
+
+
+def _per_frame(frames, scene: Scene, motion: str | None, second_colour: str | None):
+    """(analyses, per-frame attribute scores) of a clip."""
+    second = check_clip(scene, motion, second_colour) if motion else None
+    n = len(frames)
+    side = max(to_array(frames[0]).shape[:2])
+    analyses = [analyse(f, MIN_AREA * expected_area(scene.size, side)) for f in frames]
+    per_frame = []
+    for i, a in enumerate(analyses):
+        colour = second if motion == "recolour" and i >= n // 2 else None
+        position = OPPOSITE[scene.position] if motion == "move" and i == n - 1 and n > 1 else None
+        per_frame.append(_score(a, scene, position, colour))
+    return analyses, per_frame
 
 
 def _monotonic(analyses: list[Analysis], start: str) -> bool:

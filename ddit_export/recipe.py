@@ -42,6 +42,8 @@ class RecipeSteps:
     transformer_lr: float = 1e-3
     ema: float = 0.998
     shifted_sigmas: bool = False  # True: train at the sampler's shifted sigmas; False: logit-normal around 0.5
+    finetune_steps: int = 0  # a second flow-matching phase from the first phase's EMA, at finetune_lr
+    finetune_lr: float = 3e-4
     adapter_steps: int = 300
     adapter_prompts: int = 128
 
@@ -54,6 +56,7 @@ class RecipeSteps:
             examples=24,
             transformer_steps=3,
             transformer_batch=4,
+            finetune_steps=2,
             adapter_steps=2,
             adapter_prompts=6,
         )
@@ -89,6 +92,8 @@ class RecipeBase:
         self._stage("vae", m / "vae", self.train_vae, parts)
         data = self._stage("latents", self.out / "latents.safetensors", self.latents, parts)
         self._stage("transformer", m / "transformer", self.train_transformer, parts, data)
+        if getattr(self.steps, "finetune_steps", 0):
+            self._stage("finetune", self.out / "finetune.json", self.finetune_transformer, parts, data)
         (m / "model_index.json").write_text(json.dumps({"_class_name": self.pipeline_class}) + "\n")
         self.summary["adapters_eval"] = self._stage(
             "adapters", self.out / "adapters" / "adapters.json", self.train_adapters, data
@@ -140,33 +145,35 @@ class RecipeBase:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         vae.eval().requires_grad_(False)
 
-    def _flow_matching(self, model, engine_context, data: dict, call, mu: float):
+    def _flow_matching(self, model, engine_context, data: dict, call, mu: float, steps=None, lr=None, seed_offset=0):
         """Train ``model`` by rectified flow on ``data["latent"]``; return its EMA copy.
 
         ``engine_context()`` is a context manager yielding the native engine over ``model``; ``call(engine, zt,
         sigma, idx, gen)`` runs it on a batch (``idx`` picks the conditioning rows).
         The velocity target is ``noise - x0``; sigma is logit-normal, shifted by ``mu`` (0: centred on 0.5).
+        ``steps`` / ``lr`` default to the recipe's ``transformer_steps`` / ``transformer_lr``; a second phase passes
+        its own, and a ``seed_offset`` so it draws other batches.
         """
         s = self.steps
-        torch.manual_seed(self.seed + 2)
-        model.train()
+        steps = s.transformer_steps if steps is None else steps
+        lr = s.transformer_lr if lr is None else lr
+        torch.manual_seed(self.seed + 2 + seed_offset)
+        model.train().requires_grad_(True)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
-        opt = torch.optim.AdamW(model.parameters(), lr=s.transformer_lr, weight_decay=0.01)
-        warm = max(1, s.transformer_steps // 20)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        warm = max(1, steps // 20)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt,
-            lambda i: (
-                min(1.0, (i + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * i / s.transformer_steps)))
-            ),
+            lambda i: min(1.0, (i + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * i / steps))),
         )
-        gen = torch.Generator().manual_seed(self.seed + 3)
+        gen = torch.Generator().manual_seed(self.seed + 3 + seed_offset)
         with engine_context() as engine:
-            self._flow_matching_loop(model, ema, engine, data, call, mu, opt, sched, gen)
+            self._flow_matching_loop(model, ema, engine, data, call, mu, opt, sched, gen, steps)
         return ema
 
-    def _flow_matching_loop(self, model, ema, engine, data, call, mu, opt, sched, gen) -> None:
+    def _flow_matching_loop(self, model, ema, engine, data, call, mu, opt, sched, gen, steps) -> None:
         s, n = self.steps, data["latent"].shape[0]
-        bar = tqdm(range(s.transformer_steps), desc="transformer", disable=not self.progress)
+        bar = tqdm(range(steps), desc="transformer", disable=not self.progress)
         for _ in bar:
             idx = torch.randint(0, n, (s.transformer_batch,), generator=gen)
             x0 = data["latent"][idx]
@@ -357,6 +364,28 @@ class FluxRecipe(RecipeBase):
             parts["transformer"] = FluxTransformer2DModel.from_pretrained(folder, use_safetensors=True)
             return
         _log("training the transformer by flow matching")
+        ema = self._train_flux(parts["transformer"], data)
+        ema.save_pretrained(folder, safe_serialization=True)
+        parts["transformer"] = ema
+
+    def finetune_transformer(self, parts: dict, data: dict) -> None:
+        """The second phase: ``finetune_steps`` more from the first phase's EMA at ``finetune_lr`` (warm-up, cosine),
+        replacing the model's transformer (through a temporary folder); ``finetune.json`` marks it done."""
+        marker = self.out / "finetune.json"
+        if marker.is_file():
+            return
+        s = self.steps
+        _log(f"fine-tuning the transformer: {s.finetune_steps} more steps at lr {s.finetune_lr}")
+        ema = self._train_flux(parts["transformer"], data, steps=s.finetune_steps, lr=s.finetune_lr, seed_offset=100)
+        folder, tmp = self.model_dir / "transformer", self.model_dir / ".transformer.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ema.save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(folder)
+        tmp.rename(folder)
+        parts["transformer"] = ema
+        marker.write_text(json.dumps(dict(steps=s.finetune_steps, lr=s.finetune_lr)) + "\n")
+
+    def _train_flux(self, model, data: dict, **phase):
         spec, s = self.spec, self.steps
         mu = spec.shift.mu(spec.image_seq_len(self.size, self.size)) if s.shifted_sigmas else 0.0
         guidance = torch.full((s.transformer_batch,), spec.scheduler.guidance)
@@ -364,16 +393,12 @@ class FluxRecipe(RecipeBase):
         def call(engine, zt, sigma, idx, gen):
             return engine(zt, sigma, guidance, data["t5"][idx], data["pooled"][idx])
 
-        model = parts["transformer"]
-
         @contextlib.contextmanager
         def engine_context():
             with size_variant(model, None, 1):  # the float32 RoPE the export uses
                 yield FluxEngine(model, spec, 1)
 
-        ema = self._flow_matching(model, engine_context, data, call, mu)
-        ema.save_pretrained(folder, safe_serialization=True)
-        parts["transformer"] = ema
+        return self._flow_matching(model, engine_context, data, call, mu, **phase)
 
 
 Recipe = FluxRecipe  # the first family's name, kept for callers

@@ -22,10 +22,12 @@ def test_smoke_recipe_builds_a_loadable_model_and_resumes(tmp_path, tiny_spec, c
     assert parts["vae"].config.scaling_factor != tiny_spec.tiny_configs["vae"]["scaling_factor"]  # measured
     adapters = load_adapters(out / "adapters" / "adapters.safetensors", parts["transformer"], tiny_spec, [1, 2, 4])
     assert adapters.factors == [2, 4] and set(summary["adapters_eval"]) == {"2", "4"}
+    assert json.loads((out / "finetune.json").read_text())["steps"] == 2 and "finetune_seconds" in summary
+    assert not (model / ".transformer.partial").exists()
     capsys.readouterr()
     Recipe(tiny_spec, out, RecipeSteps.smoke(), seed=0, progress=False).run()  # every stage's output exists
     log = capsys.readouterr().out
-    assert "training" not in log and "encoding" not in log, log
+    assert "training" not in log and "encoding" not in log and "fine-tuning" not in log, log
 
 
 def test_smoke_recipe_installs_atomically(tmp_path, tiny_spec):

@@ -330,6 +330,19 @@ def test_move_clips_for_many_scenes():
             continue
         frames = sh.render_clip(scene, frames=5, size=128, motion="move", seed=seed)
         assert ev.evaluate_frames(frames, scene, "move")["score"] == 1.0, scene
+        assert ev.frame_scores(frames, scene, "move") == [1.0] * 5, scene
+
+
+def test_frame_scores_follow_what_each_frame_should_show():
+    scene = Scene("white", "red", "triangle", 3, "top", "small")
+    frames = sh.render_clip(scene, frames=8, size=128, motion="recolour", seed=1, second_colour="blue")
+    assert ev.frame_scores(frames, scene, "recolour", "blue") == [1.0] * 8
+    # expecting green after the switch: the last four frames lose their colour point (1 of 5 attributes)
+    assert ev.frame_scores(frames, scene, "recolour", "green") == [1.0] * 4 + [0.8] * 4
+    moving = Scene("black", "red", "circle", 2, "left", "large")
+    clip = sh.render_clip(moving, frames=5, size=128, motion="move", seed=3)
+    # played backwards: the first and last frames sit on the wrong sides; the middle ones are not scored on position
+    assert ev.frame_scores(clip[::-1], moving, "move") == [0.8, 1.0, 1.0, 1.0, 0.8]
 
 
 def test_recolour_clip():
