@@ -12,10 +12,9 @@ runtime's shared CPU arena; before it, 24.3 GB and OOM-killed), and took 7 minut
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from ddit_export.bench import Bench, Method, builtin_prompts, markdown
+from ddit_export.bench import Bench, Method, builtin_prompts, markdown, write_json
 from ddit_runtime.pipeline import FluxRuntime
 
 
@@ -37,8 +36,7 @@ def main(argv=None) -> int:
     report = bench.report()
     print(markdown(report))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(report, args.json)  # atomic: a temporary file, then a rename
     return 0
 
 

@@ -11,12 +11,11 @@ of coarse steps. Then it compares the coarse fraction of simple and detailed cap
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 
-from ddit_export.bench import HELD_OUT_SEED, example, frames_of
+from ddit_export.bench import HELD_OUT_SEED, example, frames_of, write_json
 from ddit_export.quality import psnr, ssim
 from ddit_runtime.manifest import load_manifest
 from ddit_runtime.pipeline import FluxRuntime
@@ -127,8 +126,7 @@ def main(argv=None) -> int:
         f"({simple['n']}), detailed captions {report['detailed_coarse_fraction']:.1%} ({detailed['n']})"
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(report, args.json)  # atomic: a temporary file, then a rename
     return 0
 
 
