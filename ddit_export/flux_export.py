@@ -15,7 +15,7 @@ from ddit_profiles import DDiTError, FluxSpec
 
 from .adapters import resolve_adapters
 from .flux_model import FluxEngine, FluxTeaCacheProbe, size_variant
-from .loading import load_flux
+from .loading import load_flux, with_vae_normalisation
 from .manifest import export_graphs, source_block, staging_folder, write_manifest
 from .onnx_io import check_parity, export_onnx
 
@@ -202,6 +202,7 @@ def export_flux(
         raise DDiTError(f"output folder '{out_dir}' already exists: pass --force to replace it, or pick another -o")
     started = time.time()
     parts = load_flux(model, spec)
+    spec = with_vae_normalisation(spec, parts["vae"])  # the manifest records the checkpoint's own
     transformer = parts["transformer"]
     adapters, adapters_file, trained = resolve_adapters(model, adapters_path, transformer, spec, factors)
     with staging_folder(out_dir, force) as folder:

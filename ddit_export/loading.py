@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -61,6 +62,19 @@ def _from_pretrained(model: str) -> dict:
         )
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DDiTError(f"could not load '{model}'{offline}: {first}") from None
+
+
+def with_vae_normalisation(spec: FluxSpec, vae) -> FluxSpec:
+    """``spec`` with the checkpoint's own latent normalisation: ``latent' = (latent - shift_factor) * scaling_factor``.
+
+    The profile's values are FLUX.1's (0.3611, 0.1159). A VAE trained elsewhere, such as the embedded tiny one,
+    measures its own, and the transformer was trained on latents normalised with them: the manifest (so the
+    runtime's decode) and ``ddit-train --images`` must use the VAE's, never the profile's.
+    """
+    shift = vae.config.get("shift_factor")  # None in VAEs without a shift (SD's): no shift
+    return dataclasses.replace(
+        spec, vae_scaling_factor=float(vae.config.scaling_factor), vae_shift_factor=float(shift or 0.0)
+    )
 
 
 def check_against_profile(parts: dict, spec: FluxSpec) -> None:

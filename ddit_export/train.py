@@ -33,7 +33,7 @@ from ddit_runtime.unipc import wan_flow_sigmas
 from . import __version__
 from .adapters import DDiTAdapters, load_adapters, model_signature, untrained_adapters
 from .flux_model import FluxEngine, _lora_layers, size_variant
-from .loading import load_flux
+from .loading import load_flux, with_vae_normalisation
 from .train_data import (
     build_flux_data,
     build_wan_data,
@@ -108,7 +108,9 @@ class FluxBackend:
         return {}
 
     def load(self, model: str) -> dict:
-        return load_flux(model, self.spec)
+        parts = load_flux(model, self.spec)
+        self.spec = with_vae_normalisation(self.spec, parts["vae"])  # --images latents use the VAE's own
+        return parts
 
     def sigmas(self, cfg: TrainConfig) -> torch.Tensor:
         spec = self.spec

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 from ddit_export import flux_export
 from ddit_export.flux_export import export_flux
 from ddit_export.flux_model import FluxEngine, size_variant
-from ddit_export.loading import load_flux
+from ddit_export.loading import load_flux, with_vae_normalisation
 from ddit_export.onnx_io import double_tensors, ort_session
 from ddit_export.tiny import save_components
 from ddit_profiles import DDiTError
@@ -34,9 +34,9 @@ def _run(path, feeds):
     return torch.from_numpy(ort_session(path).run(None, {k: v.numpy() for k, v in feeds.items()})[0])
 
 
-def test_manifest_records_checked_components(tiny_engines, tiny_spec):
+def test_manifest_records_checked_components(tiny_engines, tiny_spec, tiny_parts):
     m = load_manifest(tiny_engines, verify=True)
-    assert m.sizes == (1, 2, 4) and m.spec == tiny_spec
+    assert m.sizes == (1, 2, 4) and m.spec == with_vae_normalisation(tiny_spec, tiny_parts["vae"])
     data = m.data
     assert data["source"]["adapters_trained"] is False and "untrained" in data["source"]["initialisation"]
     for k in ("1", "2", "4"):
@@ -45,8 +45,29 @@ def test_manifest_records_checked_components(tiny_engines, tiny_spec):
         assert (tiny_engines / comp["onnx"]).name in data["files"]
     for name in ("text_encoder", "text_encoder_2", "vae_decoder"):
         assert data["components"][name]["max_abs_error"] < 1e-3
-    assert data["shapes"]["multiple"] == 64 and data["latent"]["scaling_factor"] == tiny_spec.vae_scaling_factor
+    assert data["shapes"]["multiple"] == 64 and data["latent"]["scaling_factor"] == m.spec.vae_scaling_factor
     assert set(data["io"]["transformer"]["inputs"]) == set(tiny_spec.transformer_inputs)
+
+
+def test_runtime_decodes_with_the_vae_s_own_latent_normalisation(tiny_engines, tiny_parts):
+    """The shipped VAE measured its own scaling/shift factors (not FLUX.1's 0.3611 / 0.1159), and the transformer
+    learned latents normalised with them. An image encoded that way must come back in its colours from the runtime's
+    decode, which reads the factors from the manifest. (With FLUX.1's factors cyan came back green.)"""
+    from ddit_runtime.pipeline import FluxRuntime
+
+    vae = tiny_parts["vae"]
+    latent_block = json.loads((tiny_engines / "manifest.json").read_text())["latent"]
+    assert latent_block["scaling_factor"] == pytest.approx(vae.config.scaling_factor)
+    assert latent_block["shift_factor"] == pytest.approx(vae.config.shift_factor)
+    image = torch.zeros(3, 256, 256, dtype=torch.uint8)
+    image[1:] = 255  # cyan background
+    image[:, 96:160, 96:160] = torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1, 1)  # a red square
+    with torch.no_grad():
+        z = vae.encode(image[None].float() / 127.5 - 1).latent_dist.mean
+    latent = (z - vae.config.shift_factor) * vae.config.scaling_factor
+    decoded = FluxRuntime(tiny_engines).decode(latent).float()
+    error = (decoded - image.float()).abs()
+    assert error[:, 8:40, 8:40].mean() < 20 and error[:, 112:144, 112:144].mean() < 20, error.mean(dim=(1, 2))
 
 
 def test_transformer_graphs_share_one_dynamic_io_contract(tiny_engines):
