@@ -17,6 +17,7 @@ from ddit_profiles import DDiTError, FluxSpec, profile_for
 from .tiny import shipped_adapters
 
 ADAPTERS_FORMAT = "ddit-adapters/1"
+SIGMA_FLOOR = 0.2
 
 
 def bilinear_matrix(patch: int, new_patch: int) -> torch.Tensor:
@@ -71,6 +72,11 @@ class SizeAdapter(nn.Module):
         self.residual = nn.Linear(spec.latent_channels, spec.latent_channels)
         nn.init.zeros_(self.residual.weight)
         nn.init.zeros_(self.residual.bias)
+        # The same, scaled by 1 / sigma. Where the image is flat, the velocity's detail inside a coarse patch is
+        # z_t's detail / sigma (v = (z_t - x0) / sigma): a coarse token cannot carry it and a sigma-blind channel
+        # mix cannot scale it. Zero at init; files without it load as zero.
+        self.residual_sigma = nn.Linear(spec.latent_channels, spec.latent_channels, bias=False)
+        nn.init.zeros_(self.residual_sigma.weight)
 
     @classmethod
     def from_base(cls, transformer, spec: FluxSpec, factor: int) -> SizeAdapter:
@@ -85,9 +91,11 @@ class SizeAdapter(nn.Module):
             adapter.unembed.bias.copy_(b)
         return adapter
 
-    def residual_velocity(self, latent: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, C, H, W]: the residual path's contribution to the velocity."""
-        return self.residual(latent.movedim(1, -1)).movedim(-1, 1)
+    def residual_velocity(self, latent: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """latent [B, C, H, W], sigma [B] in (0, 1] -> [B, C, H, W]: the residual paths' share of the velocity."""
+        x = latent.movedim(1, -1)  # [B, H, W, C]
+        scale = 1.0 / sigma.to(x.dtype).clamp_min(SIGMA_FLOOR).view(-1, 1, 1, 1)
+        return (self.residual(x) + self.residual_sigma(x) * scale).movedim(-1, 1)
 
 
 def lora_targets(transformer) -> list[str]:
@@ -199,6 +207,8 @@ def load_adapters(path: str | Path, transformer, spec: FluxSpec, factors: list[i
         own = {
             n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix) and not n.startswith(lora_prefix)
         }
+        if hasattr(adapter, "residual_sigma"):  # files from before the 1/sigma residual: zero, as at init
+            own.setdefault("residual_sigma.weight", torch.zeros_like(adapter.residual_sigma.weight))
         try:
             adapter.load_state_dict(own, strict=True)
         except RuntimeError as e:

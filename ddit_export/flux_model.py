@@ -95,7 +95,7 @@ class FluxEngine(nn.Module):
                 hook.remove()
         velocity = unpack(out, patch, height, width)
         if self.adapter is not None:
-            velocity = velocity + self.adapter.residual_velocity(latent)
+            velocity = velocity + self.adapter.residual_velocity(latent, timestep)
         if self.residual:
             return velocity, (seen["blocks"] - seen["embedded"]).unflatten(1, (height // patch, width // patch))
         return velocity
@@ -119,7 +119,7 @@ class FluxTeaCacheProbe(nn.Module):
         _, _, height, width = latent.shape
         patch = self.spec.patch_pixels(self.factor)
         hidden = t.x_embedder(pack(latent, patch))
-        timestep = timestep.to(hidden.dtype) * 1000  # as FluxTransformer2DModel.forward
+        sigma, timestep = timestep, timestep.to(hidden.dtype) * 1000  # as FluxTransformer2DModel.forward
         if t.config.guidance_embeds:
             temb = t.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, pooled_projections)
         else:
@@ -128,7 +128,7 @@ class FluxTeaCacheProbe(nn.Module):
         hidden = hidden + residual.flatten(1, 2)
         velocity = unpack(t.proj_out(t.norm_out(hidden, temb)), patch, height, width)
         if self.adapter is not None:
-            velocity = velocity + self.adapter.residual_velocity(latent)
+            velocity = velocity + self.adapter.residual_velocity(latent, sigma)
         return modulated, velocity
 
 

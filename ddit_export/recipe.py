@@ -44,8 +44,11 @@ class RecipeSteps:
     shifted_sigmas: bool = False  # True: train at the sampler's shifted sigmas; False: logit-normal around 0.5
     finetune_steps: int = 0  # a second flow-matching phase from the first phase's EMA, at finetune_lr
     finetune_lr: float = 3e-4
-    adapter_steps: int = 300
+    adapter_steps: int = 600
     adapter_prompts: int = 128
+    adapter_rank: int = 16
+    adapter_optimizer: str = "adamw"  # AdamW 1e-3 beat Prodigy here: held-out 4p MSE 0.50 vs 0.61 (see README)
+    adapter_lr: float = 1e-3
 
     @classmethod
     def smoke(cls) -> RecipeSteps:
@@ -210,8 +213,9 @@ class RecipeBase:
             output=out,
             prompts=str(prompts),
             steps=self.steps.adapter_steps,
-            rank=16,
-            optimizer="prodigy",
+            rank=self.steps.adapter_rank,
+            optimizer=self.steps.adapter_optimizer,
+            lr=self.steps.adapter_lr,
             seed=self.seed,
             checkpoint_every=100,
         )

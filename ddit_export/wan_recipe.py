@@ -39,6 +39,9 @@ class WanRecipeSteps:
     caption_dropout: float = 0.1  # the empty prompt instead, so the model also learns the unconditional velocity
     adapter_steps: int = 200
     adapter_prompts: int = 64
+    adapter_rank: int = 16
+    adapter_optimizer: str = "prodigy"
+    adapter_lr: float = 1.0
 
     @classmethod
     def smoke(cls) -> WanRecipeSteps:

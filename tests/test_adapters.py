@@ -9,8 +9,11 @@ from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 from peft.tuners.lora import LoraLayer
 
 from ddit_export.adapters import (
+    SIGMA_FLOOR,
     DDiTAdapters,
+    SizeAdapter,
     bilinear_matrix,
+    load_adapters,
     lora_targets,
     pi_resize_embedding,
     untrained_adapters,
@@ -187,3 +190,35 @@ def test_merged_and_unmerged_lora_agree(tiny_parts, tiny_spec):
         no_lora = FluxEngine(transformer, tiny_spec, 2, adapter)(*args)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
     assert (outs[0] - no_lora).abs().max() > 1e-3  # the LoRA really changes the output
+
+
+def test_sigma_residual_scales_the_latent_by_one_over_sigma(tiny_spec):
+    """The 1/sigma residual: z_t's detail / sigma is the velocity's detail where the image is flat."""
+    adapter = SizeAdapter(tiny_spec, 4, 128)
+    latent = torch.randn(2, 16, 8, 8)
+    sigma = torch.tensor([0.5, 0.001])
+    assert torch.equal(adapter.residual_velocity(latent, sigma), torch.zeros_like(latent))  # zero at init
+    with torch.no_grad():
+        adapter.residual_sigma.weight.copy_(torch.eye(16))
+    out = adapter.residual_velocity(latent, sigma)
+    torch.testing.assert_close(out[0], latent[0] / 0.5)
+    torch.testing.assert_close(out[1], latent[1] / SIGMA_FLOOR)  # capped, not 1000x
+
+
+def test_adapters_file_without_the_sigma_residual_loads_it_as_zero(tmp_path, tiny_parts, tiny_spec):
+    """Files written before the 1/sigma residual existed still load, and behave as they did."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    adapters = random_adapters(tiny_parts["transformer"], tiny_spec, [2, 4])
+    adapters.save(tmp_path / "new.safetensors")
+    tensors = load_file(str(tmp_path / "new.safetensors"))
+    with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    old = {k: v for k, v in tensors.items() if "residual_sigma" not in k}
+    assert len(old) == len(tensors) - 2
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
+    loaded = load_adapters(tmp_path / "old.safetensors", tiny_parts["transformer"], tiny_spec, [1, 2, 4])
+    for k in (2, 4):
+        assert torch.equal(loaded.sizes[k].residual_sigma.weight, torch.zeros(16, 16))
+        torch.testing.assert_close(loaded.sizes[k].residual.weight, adapters.sizes[k].residual.weight)
