@@ -31,9 +31,12 @@ def native(runtime):
     return runtime.generate(PROMPT, steps=STEPS, seed=0, schedule=[1] * STEPS, progress=False)
 
 
-def test_runtime_loads_the_folder(runtime, tiny_spec):
+def test_runtime_loads_the_folder(runtime, tiny_spec, tiny_parts):
+    from ddit_export.loading import with_vae_normalisation
+
     assert runtime.sizes == (1, 2, 4)
-    assert runtime.spec.to_dict() == tiny_spec.to_dict()  # the manifest carries the profile, minus tiny_configs
+    # the manifest carries the profile (minus tiny_configs), with the checkpoint VAE's own latent normalisation
+    assert runtime.spec.to_dict() == with_vae_normalisation(tiny_spec, tiny_parts["vae"]).to_dict()
     assert sorted(runtime.engines) == [1, 2, 4]
     assert runtime.device.type == "cpu"
 
