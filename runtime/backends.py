@@ -336,6 +336,23 @@ def describe_resident(manifest: Manifest, sizes, backend: str, teacache: bool = 
 PROVIDER_BACKENDS = {"auto": "auto", "cpu": "ort-cpu", "cuda": "ort-cuda"}  # the older ``--provider`` names
 
 
+def open_transformers(manifest: Manifest, folder, sizes, backend: str, verify: bool, cuda_graphs: bool):
+    """A runtime's start: (sizes, EngineSet, {size: transformer engine}).
+
+    ``sizes`` defaults to every exported one; a size the folder lacks is a one-line error. ``backend`` is what
+    ``backend_from_provider`` resolved.
+    """
+    wanted = manifest.sizes if sizes is None else tuple(sizes)
+    missing = [k for k in wanted if k not in manifest.sizes]
+    if missing:
+        raise DDiTError(
+            f"patch sizes {missing} were not exported to '{folder}' (it has "
+            f"{list(manifest.sizes)}): re-export with them or drop them"
+        )
+    loader = EngineSet(manifest, backend, wanted, verify=verify, cuda_graphs=cuda_graphs)
+    return wanted, loader, {k: loader.open(f"transformer_k{k}") for k in wanted}
+
+
 def backend_from_provider(backend: str | None, provider: str | None) -> str:
     """The backend a runtime was asked for: ``backend``, else the older ``provider`` (auto|cpu|cuda), else auto."""
     if backend is not None and provider is not None:

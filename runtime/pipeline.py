@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ddit_profiles import DDiTError
 
-from .backends import EngineSet, backend_from_provider
+from .backends import backend_from_provider, open_transformers
 from .engine import OrtEngine, teacache_probe
 from .manifest import Manifest, load_manifest
 from .scheduler import PatchScheduler
@@ -51,19 +51,10 @@ class FluxRuntime:
         """``backend``: auto|ort-cpu|ort-cuda|trt (``provider`` auto|cpu|cuda is the older name for the ORT ones)."""
         self.manifest: Manifest = load_manifest(folder, verify=verify)
         self.spec = self.manifest.spec
-        wanted = self.manifest.sizes if sizes is None else tuple(sizes)
-        missing = [k for k in wanted if k not in self.manifest.sizes]
-        if missing:
-            raise DDiTError(
-                f"patch sizes {missing} were not exported to '{folder}' (it has "
-                f"{list(self.manifest.sizes)}): re-export with them or drop them"
-            )
-        self.sizes = wanted
-        self.loader = EngineSet(
-            self.manifest, backend_from_provider(backend, provider), self.sizes, verify=verify, cuda_graphs=cuda_graphs
+        self.sizes, self.loader, self.engines = open_transformers(
+            self.manifest, folder, sizes, backend_from_provider(backend, provider), verify, cuda_graphs
         )
         self.backend, self.device = self.loader.backend, self.loader.device
-        self.engines = {k: self.loader.open(f"transformer_k{k}") for k in self.sizes}
         self.probes: dict[int, OrtEngine] = {}  # TeaCache probes, loaded on first use
         self.text = {name: self._text_component(name) for name in ("text_encoder", "text_encoder_2")}
         self.vae = self.loader.open("vae_decoder")

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ddit_profiles import DDiTError
 
-from .backends import EngineSet, backend_from_provider
+from .backends import backend_from_provider, open_transformers
 from .engine import OrtEngine, teacache_probe
 from .manifest import load_manifest
 from .pipeline import Generation
@@ -47,17 +47,10 @@ class WanRuntime:
         if self.manifest.data["family"] != "wan":
             raise DDiTError(f"'{folder}' holds {self.manifest.data['family']} engines, not Wan ones")
         self.spec = self.manifest.spec
-        self.sizes = tuple(sizes) if sizes is not None else self.manifest.sizes
-        missing = [k for k in self.sizes if k not in self.manifest.sizes]
-        if missing:
-            raise DDiTError(
-                f"patch sizes {missing} were not exported to '{folder}' (it has {list(self.manifest.sizes)})"
-            )
-        self.loader = EngineSet(
-            self.manifest, backend_from_provider(backend, provider), self.sizes, verify=verify, cuda_graphs=cuda_graphs
+        self.sizes, self.loader, self.engines = open_transformers(
+            self.manifest, folder, sizes, backend_from_provider(backend, provider), verify, cuda_graphs
         )
         self.backend, self.device = self.loader.backend, self.loader.device
-        self.engines = {k: self.loader.open(f"transformer_k{k}") for k in self.sizes}
         self.probes: dict[int, OrtEngine] = {}  # TeaCache probes, loaded on first use
         text = self.manifest.component("text_encoder")
         self.tokenizer = PromptTokenizer(
