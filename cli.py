@@ -149,6 +149,13 @@ def _backend_options(fn):
 @click.option("--width", type=int, default=None, help="Width in pixels (default: the profile's opt size).")
 @click.option("--guidance", type=float, default=None, help="FLUX: embedded guidance (default: the manifest's).")
 @click.option(
+    "--true-cfg",
+    type=float,
+    default=None,
+    help="FLUX: classifier-free guidance scale against --negative-prompt (default: the manifest's; the embedded "
+    "tiny model uses 3, FLUX.1 profiles 1 = off). Above 1 it runs two engine calls per step.",
+)
+@click.option(
     "--tau",
     type=float,
     default=None,
@@ -172,7 +179,12 @@ def _backend_options(fn):
     "per guidance pass). Composes with the patch schedule.",
 )
 @click.option("--frames", type=int, default=None, help="Wan: video frames, 4n+1 (default: the profile's).")
-@click.option("--negative-prompt", default=None, help="Wan: negative prompt for classifier-free guidance.")
+@click.option(
+    "--negative-prompt",
+    default=None,
+    help="Negative prompt for classifier-free guidance (Wan: default the profile's; FLUX: default empty, used "
+    "when --true-cfg is above 1).",
+)
 @click.option("--guidance-scale", type=float, default=None, help="Wan: classifier-free guidance scale (1 = off).")
 @click.option(
     "--cfg",
@@ -211,7 +223,7 @@ def run_main(engines, prompt, output, steps, schedule, backend, provider, cuda_g
         load = dict(backend=backend, provider=provider, cuda_graphs=cuda_graphs, verify=not no_verify)
         runtime, result, path = _run_wan(engines, prompt, output, steps, schedule, load, as_json, opts)
     else:
-        wan_only = [k for k in ("frames", "negative_prompt", "guidance_scale", "frames_dir") if opts[k] is not None]
+        wan_only = [k for k in ("frames", "guidance_scale", "frames_dir") if opts[k] is not None]
         if wan_only:
             raise DDiTError(f"--{wan_only[0].replace('_', '-')} applies to Wan engines; '{engines}' holds FLUX ones")
         from ddit_runtime.image import check_png_path, save_png
@@ -224,9 +236,10 @@ def run_main(engines, prompt, output, steps, schedule, backend, provider, cuda_g
         _say_backend(runtime, as_json)
         steps = runtime.spec.scheduler.steps if steps is None else steps
         fixed = parse_schedule(schedule, steps, runtime.sizes)
-        keys = ("seed", "height", "width", "guidance", "tau", "rho", "teacache")
+        keys = ("seed", "height", "width", "guidance", "true_cfg", "tau", "rho", "teacache")
+        negative = {} if opts["negative_prompt"] is None else {"negative_prompt": opts["negative_prompt"]}
         result = runtime.generate(
-            prompt, steps=steps, schedule=fixed, progress=not as_json, **{k: opts[k] for k in keys}
+            prompt, steps=steps, schedule=fixed, progress=not as_json, **{k: opts[k] for k in keys}, **negative
         )
         path = save_png(result.image, output, result.settings, result.schedule)
     _report(runtime, result, path, as_json)
@@ -237,8 +250,9 @@ def _run_wan(engines, prompt, output, steps, schedule, load, as_json, opts):
     from ddit_runtime.video import check_video_path, save_frames, save_mp4
     from ddit_runtime.wan_pipeline import WanRuntime
 
-    if opts["guidance"] is not None:
-        raise DDiTError("--guidance is FLUX's embedded guidance: use --guidance-scale for Wan engines")
+    for flux_only in ("guidance", "true_cfg"):
+        if opts[flux_only] is not None:
+            raise DDiTError(f"--{flux_only.replace('_', '-')} is FLUX's: use --guidance-scale for Wan engines")
     if opts["frames_dir"] is None:
         output = check_video_path(output or "ddit.mp4")
     runtime = WanRuntime(engines, **load)

@@ -1,6 +1,7 @@
 """Quality of an embedded tiny model (FLUX or Wan), and of DDiT on it, measured side by side in one run.
 
-    python benchmarks/tiny_quality.py ENGINES_DIR [--captions 100] [--per-kind 50] [--steps 20] [--tau T] [--json F]
+    python benchmarks/tiny_quality.py ENGINES_DIR [--captions 100] [--per-kind 50] [--steps 20] [--tau T]
+        [--sizes 1,2] [--offset N] [--json F]
 
 For held-out captions (seeds never used in training) it generates the native fixed schedule and DDiT's schedule
 from the same seeds, scores both with the shapes evaluator (per frame for Wan: ``evaluate_frames``, which adds
@@ -82,12 +83,14 @@ def main(argv=None) -> int:
     ap.add_argument("--per-kind", type=int, default=50)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--tau", type=float, default=None)
+    ap.add_argument("--sizes", default=None, help="load only these exported patch sizes, e.g. 1,2 (default: all)")
     ap.add_argument("--offset", type=int, default=0, help="shift the held-out seeds (e.g. for a calibration set)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     started = time.time()
     family = load_manifest(args.engines, verify=False).spec.family
-    runtime = (WanRuntime if family == "wan" else FluxRuntime)(args.engines, provider="cpu")
+    sizes = None if args.sizes is None else [int(k) for k in args.sizes.split(",")]
+    runtime = (WanRuntime if family == "wan" else FluxRuntime)(args.engines, provider="cpu", sizes=sizes)
     steps = args.steps or runtime.spec.scheduler.steps
     base = HELD_OUT_SEED + args.offset
     overall = compare(runtime, list(range(base, base + args.captions)), None, steps, args.tau)

@@ -42,8 +42,9 @@ class RecipeSteps:
     transformer_lr: float = 1e-3
     ema: float = 0.998
     shifted_sigmas: bool = False  # True: train at the sampler's shifted sigmas; False: logit-normal around 0.5
-    finetune_steps: int = 0  # a second flow-matching phase from the first phase's EMA, at finetune_lr
+    finetune_steps: int = 2000  # a second flow-matching phase from the first phase's EMA, at finetune_lr
     finetune_lr: float = 3e-4
+    finetune_dropout: float = 0.1  # the fine-tune's rate of empty captions: the unconditional velocity true CFG uses
     adapter_steps: int = 600
     adapter_prompts: int = 128
     adapter_rank: int = 16
@@ -60,6 +61,7 @@ class RecipeSteps:
             transformer_steps=3,
             transformer_batch=4,
             finetune_steps=2,
+            finetune_dropout=0.5,
             adapter_steps=2,
             adapter_prompts=6,
         )
@@ -240,6 +242,10 @@ class RecipeBase:
         shutil.copytree(self.model_dir, tmp)
         shutil.copy2(self.out / "adapters" / "adapters.safetensors", tmp / "adapters.safetensors")
         shutil.copy2(self.out / "recipe.json", tmp / "recipe.json")
+        for config in tmp.glob("*/config.json"):  # a reloaded component records where it came from: not shipped
+            fields = json.loads(config.read_text())
+            if fields.pop("_name_or_path", None) is not None:
+                config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         return target
@@ -379,23 +385,42 @@ class FluxRecipe(RecipeBase):
         if marker.is_file():
             return
         s = self.steps
-        _log(f"fine-tuning the transformer: {s.finetune_steps} more steps at lr {s.finetune_lr}")
-        ema = self._train_flux(parts["transformer"], data, steps=s.finetune_steps, lr=s.finetune_lr, seed_offset=100)
+        _log(
+            f"fine-tuning the transformer: {s.finetune_steps} more steps at lr {s.finetune_lr}, "
+            f"{s.finetune_dropout:.0%} of captions dropped"
+        )
+        empty = self._encode_text(parts, [""]) if s.finetune_dropout > 0 else None
+        ema = self._train_flux(
+            parts["transformer"],
+            data,
+            empty=empty,
+            dropout=s.finetune_dropout,
+            steps=s.finetune_steps,
+            lr=s.finetune_lr,
+            seed_offset=100,
+        )
         folder, tmp = self.model_dir / "transformer", self.model_dir / ".transformer.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         ema.save_pretrained(tmp, safe_serialization=True)
         shutil.rmtree(folder)
         tmp.rename(folder)
         parts["transformer"] = ema
-        marker.write_text(json.dumps(dict(steps=s.finetune_steps, lr=s.finetune_lr)) + "\n")
+        marker.write_text(json.dumps(dict(steps=s.finetune_steps, lr=s.finetune_lr, dropout=s.finetune_dropout)) + "\n")
 
-    def _train_flux(self, model, data: dict, **phase):
+    def _train_flux(self, model, data: dict, empty=None, dropout: float = 0.0, **phase):
+        """Flow matching on the FLUX transformer. ``empty`` (the empty caption's T5 states [1, T, D] and pooled
+        [1, P]) replaces each row's caption with probability ``dropout``, as classifier-free guidance needs."""
         spec, s = self.spec, self.steps
         mu = spec.shift.mu(spec.image_seq_len(self.size, self.size)) if s.shifted_sigmas else 0.0
         guidance = torch.full((s.transformer_batch,), spec.scheduler.guidance)
 
         def call(engine, zt, sigma, idx, gen):
-            return engine(zt, sigma, guidance, data["t5"][idx], data["pooled"][idx])
+            t5, pooled = data["t5"][idx], data["pooled"][idx]
+            if empty is not None and dropout > 0:
+                drop = torch.rand(len(idx), generator=gen) < dropout  # [B]
+                t5 = torch.where(drop.view(-1, 1, 1), empty[0], t5)
+                pooled = torch.where(drop.view(-1, 1), empty[1], pooled)
+            return engine(zt, sigma, guidance, t5, pooled)
 
         @contextlib.contextmanager
         def engine_context():

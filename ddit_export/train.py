@@ -126,7 +126,9 @@ class FluxBackend:
         )
 
     def cache_settings(self, cfg: TrainConfig) -> dict:
-        return dict(height=cfg.height, width=cfg.width, gen_steps=cfg.gen_steps, seed=cfg.seed)
+        settings = dict(height=cfg.height, width=cfg.width, gen_steps=cfg.gen_steps, seed=cfg.seed)
+        true_cfg = self.spec.scheduler.true_cfg
+        return settings | (dict(true_cfg=true_cfg) if true_cfg > 1.0 else {})  # unguided caches stay valid
 
     def build_data(self, parts, source: dict, cfg: TrainConfig, device, progress: bool) -> dict:
         return build_flux_data(parts, self.spec, source, cfg, device, progress)

@@ -81,27 +81,42 @@ def encode_prompts(parts: dict, spec: FluxSpec, prompts: list[str], device) -> t
 
 @torch.no_grad()
 def generate_latents(
-    parts, spec: FluxSpec, t5, pooled, height: int, width: int, steps: int, seed: int, device, progress: bool
+    parts,
+    spec: FluxSpec,
+    t5,
+    pooled,
+    height: int,
+    width: int,
+    steps: int,
+    seed: int,
+    device,
+    progress: bool,
+    empty=None,
 ) -> torch.Tensor:
-    """The base model's own samples: native-size flow-matching Euler from seeded noise -> latents [N, 16, h, w]."""
+    """The base model's own samples: native-size flow-matching Euler from seeded noise -> latents [N, 16, h, w].
+
+    With ``empty`` (the empty prompt's T5 states [1, T, D] and pooled [1, P]) and the profile's ``true_cfg`` above 1,
+    each step is guided as the runtime guides it: v = v_empty + true_cfg * (v_prompt - v_empty).
+    """
     transformer = parts["transformer"].to(device)
     lh, lw = spec.latent_hw(height, width)
     sigmas = flux_sigmas(steps, spec.shift.mu(spec.image_seq_len(height, width))).tolist()
+    scale = spec.scheduler.true_cfg
+    guided = empty is not None and scale > 1.0
+    rows = 2 if guided else 1
     out = []
     with size_variant(transformer, None, 1):
         engine = FluxEngine(transformer, spec, 1)
+        guidance = torch.full((rows,), spec.scheduler.guidance, device=device)
         for i in tqdm(range(t5.shape[0]), desc="generate latents", unit="sample", disable=not progress):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
             z = torch.randn(1, spec.latent_channels, lh, lw, generator=gen).to(device)
-            guidance = torch.full((1,), spec.scheduler.guidance, device=device)
+            text, vec = t5[i : i + 1].to(device), pooled[i : i + 1].to(device)
+            if guided:  # one batch of two: the prompt, then the empty prompt
+                text, vec = torch.cat([text, empty[0].to(device)]), torch.cat([vec, empty[1].to(device)])
             for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-                v = engine(
-                    z,
-                    torch.full((1,), s, device=device),
-                    guidance,
-                    t5[i : i + 1].to(device),
-                    pooled[i : i + 1].to(device),
-                )
+                v = engine(z.expand(rows, -1, -1, -1), torch.full((rows,), s, device=device), guidance, text, vec)
+                v = v[1:] + scale * (v[:1] - v[1:]) if guided else v
                 z = z + (s_next - s) * v
             out.append(z.float().cpu())
     return torch.cat(out)
@@ -222,17 +237,29 @@ def load_or_build(cache: Path, source: dict, settings: dict, build: Callable[[],
 
 
 def build_flux_data(parts, spec: FluxSpec, source: dict, cfg, device, progress: bool) -> dict[str, torch.Tensor]:
-    """{'latent': [N,16,h,w], 't5': [N,T,D], 'pooled': [N,P]} from prompts (generated) or images (VAE-encoded)."""
+    """{'latent': [N,16,h,w], 't5': [N,T,D], 'pooled': [N,P]} from prompts (generated) or images (VAE-encoded).
+
+    When the profile guides (``true_cfg`` > 1), the samples are guided, and every latent comes twice: with its
+    prompt, then with the empty prompt, so the adapters also learn the unconditional pass the runtime runs.
+    """
     images = source.get("images")
     prompts = image_captions(images) if images else source["prompts"]
     t5, pooled = encode_prompts(parts, spec, prompts, device)
+    empty = encode_prompts(parts, spec, [""], device) if spec.scheduler.true_cfg > 1.0 else None
     if images:
         latent = encode_images(parts, spec, images, cfg.height, cfg.width, device)
     else:
         latent = generate_latents(
-            parts, spec, t5, pooled, cfg.height, cfg.width, cfg.gen_steps, cfg.seed, device, progress
+            parts, spec, t5, pooled, cfg.height, cfg.width, cfg.gen_steps, cfg.seed, device, progress, empty
         )
-    return {"latent": latent, "t5": t5, "pooled": pooled}
+    if empty is None:
+        return {"latent": latent, "t5": t5, "pooled": pooled}
+    n = latent.shape[0]  # interleaved (prompt, empty) pairs, so the held-out tail keeps both kinds
+    return {
+        "latent": latent.repeat_interleave(2, dim=0),
+        "t5": torch.stack([t5, empty[0].expand(n, -1, -1)], dim=1).flatten(0, 1),
+        "pooled": torch.stack([pooled, empty[1].expand(n, -1)], dim=1).flatten(0, 1),
+    }
 
 
 def build_wan_data(parts, spec: WanSpec, source: dict, cfg, device, progress: bool) -> dict[str, torch.Tensor]:

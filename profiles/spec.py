@@ -62,7 +62,10 @@ class SchedulerDefaults:
     rho: float = 0.4  # a quantile in [0, 1]: 0.4 is the 40th percentile of the per-patch stds
     warmup: int = 3  # native steps before four latents exist for the third difference
     steps: int = 50
-    guidance: float = 3.5
+    guidance: float = 3.5  # FLUX: the embedded guidance input; Wan: the classifier-free guidance scale
+    # FLUX only: true classifier-free guidance against the empty prompt (diffusers' true_cfg_scale). 1 is off: FLUX.1
+    # is guidance-distilled, while the embedded tiny FLUX learnt the unconditional velocity and needs it.
+    true_cfg: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -70,9 +70,11 @@ class FluxRuntime:
         )
         return tokenizer, self.loader.open(name)
 
-    def encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompt -> (T5 states [1, T, D], pooled CLIP [1, P]) on the runtime's device."""
-        check_prompt(prompt)
+    def encode(self, prompt: str, negative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompt -> (T5 states [1, T, D], pooled CLIP [1, P]) on the runtime's device (``negative``: may be empty,
+        as CFG's default negative prompt is)."""
+        if not negative:
+            check_prompt(prompt)
         clip_tok, clip = self.text["text_encoder"]
         t5_tok, t5 = self.text["text_encoder_2"]
         return t5(input_ids=t5_tok(prompt)).contiguous(), clip(input_ids=clip_tok(prompt)).contiguous()
@@ -101,14 +103,21 @@ class FluxRuntime:
         schedule: list[int] | None = None,
         teacache: float | None = None,
         progress: bool = True,
+        true_cfg: float | None = None,
+        negative_prompt: str = "",
     ) -> Generation:
         """Run the whole pipeline. ``schedule`` fixes the factor per step; None lets the DDiT scheduler choose.
-        ``teacache`` (a threshold such as 0.25 / 0.4 / 0.6) also skips the blocks on steps TeaCache deems cheap."""
+        ``teacache`` (a threshold such as 0.25 / 0.4 / 0.6) also skips the blocks on steps TeaCache deems cheap.
+        ``true_cfg`` above 1 (default: the profile's) guides against ``negative_prompt`` with a second engine
+        call per step: v = v_neg + true_cfg * (v - v_neg), one TeaCache accumulator per pass."""
         spec, defaults = self.spec, self.spec.scheduler
         height = spec.opt_size[0] if height is None else height
         width = spec.opt_size[1] if width is None else width
         steps = defaults.steps if steps is None else steps
         guidance = defaults.guidance if guidance is None else guidance
+        true_cfg = defaults.true_cfg if true_cfg is None else true_cfg
+        if not true_cfg >= 1.0:
+            raise DDiTError(f"--true-cfg must be at least 1 (1 turns it off), got {true_cfg}")
         if steps < 1:
             raise DDiTError(f"--steps must be at least 1, got {steps}")
         tau, rho = defaults.tau if tau is None else tau, defaults.rho if rho is None else rho
@@ -117,15 +126,16 @@ class FluxRuntime:
             raise DDiTError(f"--rho is a quantile and must be in [0, 1], got {rho}")
         if schedule is not None and len(schedule) != steps:
             raise DDiTError(f"the schedule has {len(schedule)} entries for {steps} steps: give one per step")
-        cache = None
-        if teacache is not None:
-            cache = TeaCache(teacache, spec.teacache.coefficients, steps)
+        guided = true_cfg > 1.0
+        caches = None
+        if teacache is not None:  # one accumulator per pass: the prompt's, and the negative's when guided
+            caches = [TeaCache(teacache, spec.teacache.coefficients, steps) for _ in range(2 if guided else 1)]
             for k in self.sizes if schedule is None else sorted(set(schedule)):
                 self._probe(k)  # fail before any work when the folder has no probes
         started = time.perf_counter()
-        t5, pooled = self.encode(prompt)
+        text = [self.encode(prompt)] + ([self.encode(negative_prompt, negative=True)] if guided else [])
         latent, step_ms, used, computed = self._denoise(
-            t5, pooled, height, width, steps, seed, guidance, tau, rho, schedule, cache, progress
+            text, height, width, steps, seed, guidance, true_cfg, tau, rho, schedule, caches, progress
         )
         image = self.decode(latent)
         settings = dict(
@@ -135,13 +145,15 @@ class FluxRuntime:
             height=height,
             width=width,
             guidance=guidance,
+            true_cfg=true_cfg,
+            negative_prompt=negative_prompt if guided else None,
             tau=tau,
             rho=rho,
             schedule_mode="auto" if schedule is None else "fixed",
             teacache=teacache,
         )
-        if cache is not None:
-            settings["teacache_forced_by_switch"] = cache.forced_by_switch
+        if caches is not None:  # every pass sees the same schedule: count the steps once
+            settings["teacache_forced_by_switch"] = caches[0].forced_by_switch
         return Generation(image, used, step_ms, time.perf_counter() - started, settings, computed)
 
     def _buffers(self, factor: int, height: int, width: int) -> dict[str, torch.Tensor]:
@@ -156,22 +168,20 @@ class FluxRuntime:
             "modulated": torch.zeros(1, rows * cols, dim, device=self.device),
         }
 
-    def _denoise(self, t5, pooled, height, width, steps, seed, guidance, tau, rho, schedule, cache, progress):
+    def _denoise(self, text, height, width, steps, seed, guidance, true_cfg, tau, rho, schedule, caches, progress):
+        """``text``: [(T5 states, pooled)] of the prompt, then of the negative prompt when guided.
+        Returns (latent, step_ms, schedule, computed). One engine call per pass and step; each pass has its own
+        velocity and TeaCache buffers, and the guided velocity is formed in place in pass 0's."""
         spec, dev = self.spec, self.device
         lh, lw = spec.latent_hw(height, width)
         gen = torch.Generator("cpu").manual_seed(seed)
         latent = torch.randn(1, spec.latent_channels, lh, lw, generator=gen).to(dev)  # [1, 16, h, w]
-        velocity = torch.empty_like(latent)
+        velocities = [torch.empty_like(latent) for _ in text]  # pass 0: the prompt's, then the negative's
         sigmas = flux_sigmas(steps, spec.shift.mu(spec.image_seq_len(height, width))).tolist()  # host floats
         timestep = torch.empty(1, device=dev)
-        feeds = {
-            "latent": latent,
-            "timestep": timestep,
-            "guidance": torch.full((1,), float(guidance), device=dev),
-            "encoder_hidden_states": t5,
-            "pooled_projections": pooled,
-        }
-        buffers = {k: self._buffers(k, height, width) for k in self.sizes}
+        common = {"latent": latent, "timestep": timestep, "guidance": torch.full((1,), float(guidance), device=dev)}
+        feeds = [common | {"encoder_hidden_states": t5, "pooled_projections": pooled} for t5, pooled in text]
+        buffers = [{k: self._buffers(k, height, width) for k in self.sizes} for _ in text]
         scheduler = PatchScheduler(self.sizes, spec.native_patch, tau, rho, spec.scheduler.warmup)
         if schedule is None:
             scheduler.observe(latent)
@@ -180,15 +190,15 @@ class FluxRuntime:
             t0 = time.perf_counter()
             factor = scheduler.next_factor() if schedule is None else schedule[i]  # a host read
             timestep.fill_(sigmas[i])
-            buf = buffers[factor]
-            compute = True
-            if cache is not None:  # the probe: the signal, and the velocity from the cached residual
-                self.probes[factor].run(
-                    feeds | {"residual": buf["residual"]}, {"modulated": buf["modulated"], "velocity": velocity}
+            ran = [
+                self._call(
+                    factor, i, feeds[p], velocities[p], buffers[p][factor], None if caches is None else caches[p]
                 )
-                compute = cache.should_compute(buf["modulated"], i, factor)  # a second host read
-            if compute:
-                self.engines[factor].run(feeds, {"velocity": velocity} | {k: buf[k] for k in ("residual",) if k in buf})
+                for p in range(len(text))
+            ]
+            velocity = velocities[0]
+            if len(text) == 2:  # v_neg + s (v - v_neg), in place
+                velocity.sub_(velocities[1]).mul_(true_cfg).add_(velocities[1])
             latent.add_(velocity, alpha=sigmas[i + 1] - sigmas[i])  # Euler: z += (sigma_next - sigma) * v
             if schedule is None:
                 scheduler.observe(latent)
@@ -196,5 +206,18 @@ class FluxRuntime:
                 torch.cuda.synchronize(dev)  # honest step times; the GPU queue is empty here anyway
             step_ms.append((time.perf_counter() - t0) * 1000)
             used.append(factor)
-            computed.append(compute)
+            computed.append(any(ran))
         return latent, step_ms, used, computed
+
+    def _call(self, factor: int, step: int, feeds: dict, velocity, buf: dict, cache) -> bool:
+        """One pass of one step: with ``cache``, the probe writes the signal and the velocity from the cached
+        residual, and the blocks run only when TeaCache says so (a host read). Returns whether they ran."""
+        compute = True
+        if cache is not None:
+            self.probes[factor].run(
+                feeds | {"residual": buf["residual"]}, {"modulated": buf["modulated"], "velocity": velocity}
+            )
+            compute = cache.should_compute(buf["modulated"], step, factor)
+        if compute:
+            self.engines[factor].run(feeds, {"velocity": velocity} | {k: buf[k] for k in ("residual",) if k in buf})
+        return compute

@@ -37,6 +37,8 @@ def test_smoke_recipe_installs_atomically(tmp_path, tiny_spec):
     target = recipe.install(tmp_path / "pkg" / "flux")
     assert (target / "model_index.json").is_file() and (target / "adapters.safetensors").is_file()
     assert not any(p.name.startswith(".") for p in target.parent.iterdir())
+    configs = list(target.glob("*/config.json"))  # the fine-tune reloads the transformer: no local path ships
+    assert configs and not any("_name_or_path" in json.loads(c.read_text()) for c in configs)
 
 
 def test_smoke_wan_recipe_builds_a_loadable_model_and_resumes(tmp_path, capsys):

@@ -129,6 +129,43 @@ def test_generate_refuses_steps_below_one(runtime, steps):
         runtime.generate(PROMPT, steps=steps, progress=False)
 
 
+def _final_latent(runtime, monkeypatch, **kw) -> torch.Tensor:
+    """The latent ``generate`` hands to the VAE (the decode is kept)."""
+    seen = []
+    decode = runtime.decode
+    monkeypatch.setattr(runtime, "decode", lambda latent: (seen.append(latent.clone()), decode(latent))[1])
+    runtime.generate(PROMPT, steps=4, seed=0, schedule=[1] * 4, progress=False, **kw)
+    return seen[0]
+
+
+@pytest.mark.parametrize("true_cfg", [1.0, 3.0])
+def test_true_cfg_matches_the_torch_sampler(runtime, tiny_spec, tiny_parts, monkeypatch, true_cfg):
+    """The runtime's two-pass guidance (ONNX) against the recipe's batched one (torch, ``generate_latents``)."""
+    import dataclasses
+
+    from ddit_export.train_data import encode_prompts, generate_latents
+
+    spec = dataclasses.replace(tiny_spec, scheduler=dataclasses.replace(tiny_spec.scheduler, true_cfg=true_cfg))
+    t5, pooled = encode_prompts(tiny_parts, spec, [PROMPT], "cpu")
+    empty = encode_prompts(tiny_parts, spec, [""], "cpu")
+    h, w = spec.opt_size
+    expected = generate_latents(tiny_parts, spec, t5, pooled, h, w, 4, 0, "cpu", False, empty)
+    got = _final_latent(runtime, monkeypatch, true_cfg=true_cfg)
+    assert torch.allclose(got, expected, atol=2e-4 * float(expected.abs().max())), (got - expected).abs().max()
+
+
+def test_true_cfg_changes_the_sample_and_reads_the_negative_prompt(runtime, monkeypatch):
+    off = _final_latent(runtime, monkeypatch, true_cfg=1.0)
+    on = _final_latent(runtime, monkeypatch, true_cfg=3.0)
+    other = _final_latent(runtime, monkeypatch, true_cfg=3.0, negative_prompt="a blue square")
+    assert (on - off).abs().max() > 1e-2 and (other - on).abs().max() > 1e-2
+
+
+def test_true_cfg_below_one_is_refused(runtime):
+    with pytest.raises(DDiTError, match="--true-cfg must be at least 1"):
+        runtime.generate(PROMPT, steps=2, true_cfg=0.5, progress=False)
+
+
 def test_runtime_does_not_import_the_exporter():
     code = (
         "import sys, ddit_runtime.pipeline, ddit_runtime.image, ddit_runtime.scheduler; "

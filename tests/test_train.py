@@ -194,3 +194,29 @@ def test_checkpoint_from_another_run_is_refused(trained, tmp_path, tiny_spec):
     changed = TrainConfig(model="tiny", sizes=(2,), output=out, steps=6, checkpoint_every=3, **(SMALL | {"rank": 8}))
     with pytest.raises(DDiTError, match="different training run"):
         Trainer(changed, tiny_spec, progress=False).run()
+
+
+def test_guided_profiles_train_on_guided_samples_paired_with_the_empty_prompt(tiny_spec):
+    """flux-tiny guides (true_cfg 3): each teacher sample comes twice, with its prompt and with the empty prompt,
+    as the runtime's two passes see it; the samples differ from unguided ones."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from ddit_export.loading import load_flux
+    from ddit_export.train_data import build_flux_data, encode_prompts
+
+    assert tiny_spec.scheduler.true_cfg > 1.0
+    parts = load_flux("random", tiny_spec)
+    cfg = SimpleNamespace(height=128, width=128, gen_steps=3, seed=0)
+    source = dict(kind="prompts", prompts=["a red circle", "two blue squares"])
+    data = build_flux_data(parts, tiny_spec, source, cfg, "cpu", False)
+    empty_t5, empty_pooled = encode_prompts(parts, tiny_spec, [""], "cpu")
+    t5, pooled = encode_prompts(parts, tiny_spec, source["prompts"], "cpu")
+    assert data["latent"].shape[0] == 4
+    assert torch.equal(data["latent"][0], data["latent"][1]) and torch.equal(data["latent"][2], data["latent"][3])
+    assert torch.equal(data["t5"][0::2], t5) and torch.equal(data["pooled"][0::2], pooled)
+    assert torch.equal(data["t5"][1::2], empty_t5.expand(2, -1, -1))
+    assert torch.equal(data["pooled"][1::2], empty_pooled.expand(2, -1))
+    off = dataclasses.replace(tiny_spec, scheduler=dataclasses.replace(tiny_spec.scheduler, true_cfg=1.0))
+    plain = build_flux_data(parts, off, source, cfg, "cpu", False)
+    assert plain["latent"].shape[0] == 2 and not torch.allclose(plain["latent"], data["latent"][0::2])
