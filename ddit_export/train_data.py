@@ -239,8 +239,9 @@ def load_or_build(cache: Path, source: dict, settings: dict, build: Callable[[],
 def build_flux_data(parts, spec: FluxSpec, source: dict, cfg, device, progress: bool) -> dict[str, torch.Tensor]:
     """{'latent': [N,16,h,w], 't5': [N,T,D], 'pooled': [N,P]} from prompts (generated) or images (VAE-encoded).
 
-    When the profile guides (``true_cfg`` > 1), the samples are guided, and every latent comes twice: with its
-    prompt, then with the empty prompt, so the adapters also learn the unconditional pass the runtime runs.
+    When the profile guides (``true_cfg`` > 1), generated samples are guided, and every latent (generated or
+    encoded) comes twice: with its prompt, then with the empty prompt, so the adapters also learn the
+    unconditional pass the runtime runs.
     """
     images = source.get("images")
     prompts = image_captions(images) if images else source["prompts"]

@@ -122,7 +122,8 @@ def test_huge_threshold_computes_first_last_and_switches_only(runtime, monkeypat
     schedule = [1, 1, 1, 4, 4, 4, 2, 2]
     result = runtime.generate(PROMPT, steps=STEPS, seed=2, schedule=schedule, teacache=1e9, progress=False)
     assert result.computed == [True, False, False, True, False, False, True, True]
-    assert calls["engine"] == 4 and result.settings["teacache_forced_by_switch"] == 2
+    passes = 2 if runtime.spec.scheduler.true_cfg > 1.0 else 1  # flux-tiny guides: one accumulator per pass
+    assert calls["engine"] == 4 * passes and result.settings["teacache_forced_by_switch"] == 2
     plain = runtime.generate(PROMPT, steps=STEPS, seed=2, schedule=schedule, progress=False)
     assert not torch.equal(result.image, plain.image)  # skipped steps reuse a stale residual
     assert result.image.float().std() > 0
