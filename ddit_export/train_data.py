@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ddit_profiles import DDiTError, FluxSpec, WanSpec
+from ddit_runtime.guidance import guided_velocity
 from ddit_runtime.manifest import sha256_file
 from ddit_runtime.sigmas import flux_sigmas
 from ddit_runtime.unipc import UniPCFlowSampler, wan_flow_sigmas, wan_flow_timesteps
@@ -116,7 +117,7 @@ def generate_latents(
                 text, vec = torch.cat([text, empty[0].to(device)]), torch.cat([vec, empty[1].to(device)])
             for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
                 v = engine(z.expand(rows, -1, -1, -1), torch.full((rows,), s, device=device), guidance, text, vec)
-                v = v[1:] + scale * (v[:1] - v[1:]) if guided else v
+                v = guided_velocity(v[:1], v[1:], scale) if guided else v
                 z = z + (s_next - s) * v
             out.append(z.float().cpu())
     return torch.cat(out)
@@ -169,7 +170,7 @@ def generate_wan_latents(
         for j in range(steps):
             v = engine(z.expand(n, *shape[1:]), torch.full((n,), float(timesteps[j]), device=device), hidden)
             if guided:
-                v = v[1:] + scale * (v[:1] - v[1:])
+                v = guided_velocity(v[:1], v[1:], scale)
             z = sampler.step(v, j, z)
         out.append(z.float().cpu())
     return torch.cat(out)

@@ -17,6 +17,7 @@ from ddit_profiles import DDiTError
 
 from .backends import backend_from_provider, open_transformers
 from .engine import OrtEngine, teacache_probe
+from .guidance import guided_velocity
 from .manifest import Manifest, load_manifest
 from .scheduler import PatchScheduler
 from .sigmas import flux_sigmas
@@ -197,8 +198,8 @@ class FluxRuntime:
                 for p in range(len(text))
             ]
             velocity = velocities[0]
-            if len(text) == 2:  # v_neg + s (v - v_neg), in place
-                velocity.sub_(velocities[1]).mul_(true_cfg).add_(velocities[1])
+            if len(text) == 2:  # in place, into the prompt pass's buffer
+                guided_velocity(velocity, velocities[1], true_cfg, out=velocity)
             latent.add_(velocity, alpha=sigmas[i + 1] - sigmas[i])  # Euler: z += (sigma_next - sigma) * v
             if schedule is None:
                 scheduler.observe(latent)

@@ -20,6 +20,7 @@ from ddit_profiles import DDiTError
 
 from .backends import backend_from_provider, open_transformers
 from .engine import OrtEngine, teacache_probe
+from .guidance import guided_velocity
 from .manifest import load_manifest
 from .pipeline import Generation
 from .scheduler import PatchScheduler
@@ -241,9 +242,9 @@ class WanRuntime:
                 if not batched and lane.start == 0:
                     v = velocity.clone()  # the conditional velocity, before the unconditional pass overwrites it
             if batched:
-                v = velocity[1:] + scale * (velocity[:1] - velocity[1:])
+                v = guided_velocity(velocity[:1], velocity[1:], scale)
             elif guided:
-                v = velocity + scale * (v - velocity)
+                v = guided_velocity(v, velocity, scale)
             latent = sampler.step(v, i, latent)
             if schedule is None:
                 scheduler.observe(latent)
