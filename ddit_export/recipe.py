@@ -129,18 +129,39 @@ class RecipeBase:
         bar = tqdm(total=total, desc=desc, disable=not self.progress)
         return bar, lambda _, loss: (bar.update(), bar.set_postfix(loss=f"{loss:.3f}"))
 
-    def _vae_loop(self, vae, batch_fn, steps: int) -> None:
-        """Train ``vae`` on ``batch_fn(rng)`` images or clips in [-1, 1]: L1 + MSE + a whisper of KL."""
-        torch.manual_seed(self.seed)
-        vae.train()
-        opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
-        rng = random.Random(self.seed + 1)
+    def _vae_loop(
+        self,
+        vae,
+        batch_fn,
+        steps: int,
+        lr: float = 1e-3,
+        anneal: bool = True,
+        decode=None,
+        deterministic: bool = False,
+        seed_offset: int = 0,
+    ) -> None:
+        """Train ``vae`` on ``batch_fn(rng)`` images or clips in [-1, 1]: L1 + MSE + a whisper of KL.
+
+        The learning rate warms up over 5% of the steps, then anneals (one-cycle) or, without ``anneal``, holds.
+        ``decode(vae, z)`` defaults to ``vae.decode(z).sample``. ``deterministic`` decodes the posterior mean instead
+        of a sample (a narrow encoder's first latents are far weaker than the unit sampling noise). A phase after
+        the first passes a ``seed_offset`` so it draws other batches.
+        """
+        torch.manual_seed(self.seed + seed_offset)
+        vae.train().requires_grad_(True)
+        opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+        if anneal:
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+        else:
+            warm = max(1, steps // 20)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm))
+        rng = random.Random(self.seed + 1 + seed_offset)
         bar = tqdm(range(steps), desc="vae", disable=not self.progress)
         for _ in bar:
             x = batch_fn(rng)
             post = vae.encode(x).latent_dist
-            recon = vae.decode(post.sample()).sample
+            z = post.mode() if deterministic else post.sample()
+            recon = vae.decode(z).sample if decode is None else decode(vae, z)
             loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * post.kl().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

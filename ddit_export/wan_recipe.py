@@ -20,6 +20,7 @@ from .recipe import RecipeBase, _image_tensor, _log
 from .shapes import make_clip_example
 from .wan_loading import DEFAULT_SCHEDULER, build_tiny_wan, tiny_wan_tokenizer
 from .wan_model import WanEngine
+from .wan_vae import decode_unclamped, init_per_frame
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,14 @@ class WanRecipeSteps:
     """Step counts of each stage of the Wan recipe; ``smoke`` takes a minute or two."""
 
     text_steps: int = 1000
-    vae_steps: int = 800
+    vae_image_steps: int = 1000  # phase 1: single frames, from a per-frame init (wan_vae.init_per_frame)
+    vae_image_batch: int = 8
+    vae_steps: int = 400  # phase 2: clips, so the causal temporal path learns what moves
     vae_batch: int = 2
     vae_crop: int = 128
-    vae_frames: int = 5  # 1 + 4 n: two latent frames, so the causal temporal path is trained
+    vae_frames: int = 5  # 1 + 4 n: two latent frames
+    vae_lr: float = 3e-4  # held in phase 1; 1e-3 (the FLUX VAE's) drives this VAE into saturation for good
+    vae_clip_lr: float = 1e-4  # phase 2 anneals from here
     examples: int = 2000
     transformer_steps: int = 3000
     transformer_batch: int = 8
@@ -47,6 +52,8 @@ class WanRecipeSteps:
     def smoke(cls) -> WanRecipeSteps:
         return cls(
             text_steps=3,
+            vae_image_steps=2,
+            vae_image_batch=2,
             vae_steps=2,
             vae_batch=1,
             vae_crop=64,
@@ -112,17 +119,35 @@ class WanRecipe(RecipeBase):
         if folder.is_dir():
             parts["vae"] = AutoencoderKLWan.from_pretrained(folder, use_safetensors=True)
             return
-        _log("training the video VAE")
+        _log("training the video VAE: single frames, then clips")
         vae, s = parts["vae"], self.steps
-        self._vae_loop(vae, lambda rng: torch.stack([self._crop(rng) for _ in range(s.vae_batch)]), s.vae_steps)
+        init_per_frame(vae)
+        phase = dict(decode=decode_unclamped, deterministic=True)  # both: see _vae_loop and decode_unclamped
+        self._vae_loop(
+            vae,
+            lambda rng: torch.stack([self._crop(rng, 1) for _ in range(s.vae_image_batch)]),
+            s.vae_image_steps,
+            lr=s.vae_lr,
+            anneal=False,
+            **phase,
+        )
+        self._vae_loop(
+            vae,
+            lambda rng: torch.stack([self._crop(rng) for _ in range(s.vae_batch)]),
+            s.vae_steps,
+            lr=s.vae_clip_lr,
+            seed_offset=1,
+            **phase,
+        )
         mean, std = self._latent_stats(vae)
         vae.register_to_config(latents_mean=mean, latents_std=std)
         vae.save_pretrained(folder, safe_serialization=True)
         parts["vae"] = vae
 
-    def _crop(self, rng) -> torch.Tensor:
-        """One clip of ``vae_frames`` frames, cropped to ``vae_crop`` squared at a random place: [3, F, c, c]."""
-        frames, _, _ = make_clip_example(rng.randrange(1 << 30), self.steps.vae_frames, size=self.size)
+    def _crop(self, rng, frames: int | None = None) -> torch.Tensor:
+        """One clip of ``frames`` (default ``vae_frames``), cropped to ``vae_crop`` squared at a random place:
+        [3, F, c, c]."""
+        frames, _, _ = make_clip_example(rng.randrange(1 << 30), frames or self.steps.vae_frames, size=self.size)
         c = self.steps.vae_crop
         x, y = rng.randrange(0, self.size - c + 1, 8), rng.randrange(0, self.size - c + 1, 8)
         return _clip_tensor([f.crop((x, y, x + c, y + c)) for f in frames])

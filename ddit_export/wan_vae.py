@@ -96,3 +96,56 @@ def decode_chunked(first, step, latent: torch.Tensor) -> torch.Tensor:
         video, *caches = step(latent[:, :, i : i + 1], *caches)
         parts.append(video)
     return torch.cat(parts, dim=2)
+
+
+# ---- training helpers (the recipe's video VAE) ----------------------------------------------------------------------
+
+
+def init_per_frame(vae) -> int:
+    """Make a fresh ``AutoencoderKLWan`` a per-frame image VAE; return how many causal convs were changed.
+
+    Every causal conv with a temporal kernel keeps only its last (current-frame) tap; the earlier taps are zeroed.
+    The temporal resamplers' ``time_conv`` become identities on the current frame: the encoder's ``downsample3d``
+    keeps the later frame of each pair, the decoder's ``upsample3d`` repeats a frame. The VAE then encodes frame
+    4 i of a clip as latent frame i, exactly as it encodes that frame alone, and decodes each latent frame to 4
+    copies of one image (tested).
+
+    Why: a single-frame clip never reaches the earlier taps (they read the causal zero padding), so a 2D warm-up
+    on single frames leaves them random, and a random ``time_conv`` scrambles every later frame. Starting per-frame,
+    the 2D warm-up is a good video VAE for static clips, and the clip phase learns only what moves.
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    changed = 0
+    with torch.no_grad():
+        for name, module in vae.named_modules():
+            if isinstance(module, WanCausalConv3d) and name.endswith("time_conv"):
+                weight = torch.zeros_like(module.weight)  # [copies * dim, dim, 3, 1, 1]
+                dim = weight.shape[1]
+                eye = torch.eye(dim, dtype=weight.dtype)
+                for copy in range(weight.shape[0] // dim):
+                    weight[copy * dim : (copy + 1) * dim, :, -1, 0, 0] = eye
+                module.weight.copy_(weight)
+                module.bias.zero_()
+                changed += 1
+            elif isinstance(module, WanCausalConv3d) and module.weight.shape[2] > 1:
+                module.weight[:, :, :-1].zero_()
+                changed += 1
+    return changed
+
+
+def decode_unclamped(vae, latent: torch.Tensor) -> torch.Tensor:
+    """``AutoencoderKLWan.decode`` before its final clamp to [-1, 1]: ``[B, 16, F, h, w] -> [B, 3, 4 (F - 1) + 1, 8h,
+    8w]``.
+
+    For training: the clamp passes no gradient at saturated pixels, and our clips are mostly saturated colours, so
+    a decoder that overshoots once can never come back. diffusers decodes frame by frame through ``vae.decoder``;
+    a forward hook collects those outputs (Wan 2.1 has no output patchify).
+    """
+    outputs = []
+    handle = vae.decoder.register_forward_hook(lambda module, args, out: outputs.append(out))
+    try:
+        vae.decode(latent)
+    finally:
+        handle.remove()
+    return torch.cat(outputs, dim=2)

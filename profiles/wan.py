@@ -253,7 +253,7 @@ WAN_TINY = WanSpec(
             use_cache=False,
         ),
         "vae": dict(  # AutoencoderKLWan; latents_mean / latents_std keep diffusers' defaults (the 2.1 values)
-            base_dim=8,
+            base_dim=16,  # at 8 the recipe's VAE stays on the loss plateau where it predicts the mean colour
             z_dim=16,
             dim_mult=(1, 2, 4, 4),
             num_res_blocks=1,

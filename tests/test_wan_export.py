@@ -1,6 +1,7 @@
 """Wan 2.1 export: spec arithmetic, PI-resized Conv3d, RoPE from positions, pad-and-crop, LoRA, one tiny export
 (sizes 1, 2, 4) checked for parity, dtypes and its manifest, and the text encoder and VAE against diffusers."""
 
+import copy
 import json
 
 import onnx
@@ -16,7 +17,7 @@ from ddit_export.onnx_io import complex_tensors, double_tensors, ort_session
 from ddit_export.wan_export import Umt5Embeds
 from ddit_export.wan_loading import load_wan, save_wan_components
 from ddit_export.wan_model import WanEngine, WanPositionRope, pad_to_multiple, token_positions, wan_size_variant
-from ddit_export.wan_vae import decode_chunked
+from ddit_export.wan_vae import decode_chunked, decode_unclamped, init_per_frame
 from ddit_profiles import DDiTError, get_profile, spec_from_dict
 from ddit_runtime.manifest import load_manifest
 
@@ -316,3 +317,41 @@ def test_chunked_vae_graphs_decode_like_diffusers(wan_engines, wan_parts):
         (1, s["channels"], 2, 16 * s["scale"], 24 * s["scale"]) for s in meta["cache_shapes"]
     ]
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
+
+
+# ---- the recipe's video-VAE training helpers -------------------------------------------------------------------------
+
+
+def test_per_frame_init_makes_the_video_vae_a_per_frame_image_vae(wan_parts):
+    """After init_per_frame, latent frame i of a clip is frame 4 i encoded alone, and each latent frame decodes to
+    four copies of its own single-frame decode: the 2D warm-up then trains a good VAE for static clips."""
+    vae = copy.deepcopy(wan_parts["vae"])
+    clip = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        before = vae.encode(clip).latent_dist.mean
+        alone_before = vae.encode(clip[:, :, 4:5]).latent_dist.mean
+    assert not torch.allclose(before[:, :, 1], alone_before[:, :, 0], atol=1e-3)  # the loaded VAE mixes frames
+    assert init_per_frame(vae) > 0
+    with torch.no_grad():
+        z = vae.encode(clip).latent_dist.mean
+        for i in range(3):
+            alone = vae.encode(clip[:, :, 4 * i : 4 * i + 1]).latent_dist.mean
+            torch.testing.assert_close(z[:, :, i], alone[:, :, 0], atol=1e-5, rtol=1e-4)
+        video = vae.decode(z).sample
+        assert video.shape == (1, 3, 9, 32, 32)
+        for i in range(3):
+            single = vae.decode(z[:, :, i : i + 1]).sample[:, :, 0]
+            for t in [0] if i == 0 else range(4 * i - 3, 4 * i + 1):
+                torch.testing.assert_close(video[:, :, t], single, atol=1e-5, rtol=1e-4)
+
+
+def test_unclamped_decode_is_decode_before_its_clamp(wan_parts):
+    vae = copy.deepcopy(wan_parts["vae"])
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(10)  # so that the decoder overshoots [-1, 1], as a trained one does
+    z = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        raw, ref = decode_unclamped(vae, z), vae.decode(z).sample
+    assert raw.shape == ref.shape == (1, 3, 5, 32, 32)
+    torch.testing.assert_close(raw.clamp(-1, 1), ref)
+    assert raw.abs().max() > 1  # the clamp matters
