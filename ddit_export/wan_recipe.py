@@ -144,10 +144,10 @@ class WanRecipe(RecipeBase):
         vae.save_pretrained(folder, safe_serialization=True)
         parts["vae"] = vae
 
-    def _crop(self, rng, frames: int | None = None) -> torch.Tensor:
-        """One clip of ``frames`` (default ``vae_frames``), cropped to ``vae_crop`` squared at a random place:
+    def _crop(self, rng, count: int | None = None) -> torch.Tensor:
+        """One clip of ``count`` frames (default ``vae_frames``), cropped to ``vae_crop`` squared at a random place:
         [3, F, c, c]."""
-        frames, _, _ = make_clip_example(rng.randrange(1 << 30), frames or self.steps.vae_frames, size=self.size)
+        frames, _, _ = make_clip_example(rng.randrange(1 << 30), count or self.steps.vae_frames, size=self.size)
         c = self.steps.vae_crop
         x, y = rng.randrange(0, self.size - c + 1, 8), rng.randrange(0, self.size - c + 1, 8)
         return _clip_tensor([f.crop((x, y, x + c, y + c)) for f in frames])

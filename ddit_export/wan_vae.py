@@ -142,6 +142,8 @@ def decode_unclamped(vae, latent: torch.Tensor) -> torch.Tensor:
     a decoder that overshoots once can never come back. diffusers decodes frame by frame through ``vae.decoder``;
     a forward hook collects those outputs (Wan 2.1 has no output patchify).
     """
+    if vae.use_tiling or vae.config.patch_size is not None:
+        raise ValueError("decode_unclamped needs an untiled Wan 2.1 VAE (no tiling, no output patchify)")
     outputs = []
     handle = vae.decoder.register_forward_hook(lambda module, args, out: outputs.append(out))
     try:
