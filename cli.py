@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from ddit_profiles import PROFILES, DDiTError
+from ddit_profiles import PRECISIONS, PROFILES, DDiTError
 
 
 def _one_line_errors(fn):
@@ -81,9 +81,18 @@ def _parse_sizes(text: str) -> list[int]:
     default=None,
     help="With --trt: TensorRT builder optimisation level, 0-5 (default: TensorRT's, 3).",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="Type of the transformer graphs (and TeaCache probes): their weights and arithmetic, with float32 "
+    "inputs and outputs, so a strongly typed TensorRT build runs them so. fp16 is checked against float32 torch "
+    "here; bf16 has no ONNX Runtime CPU kernels, so its check is left to a GPU. Text encoders and VAE stay fp32.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_one_line_errors
-def export_main(family, sizes, model, profile_name, adapters, output, force, trt, opt_level, quiet):
+def export_main(family, sizes, model, profile_name, adapters, output, force, trt, opt_level, precision, quiet):
     """Export FAMILY (flux or wan) to one ONNX graph per patch size, plus text encoders, VAE decoder, tokenizers.
 
     Every graph is checked against torch with ONNX Runtime before the folder is renamed into place.
@@ -109,11 +118,18 @@ def export_main(family, sizes, model, profile_name, adapters, output, force, trt
     else:
         from ddit_export.flux_export import export_flux as export
 
-    manifest = export(model, spec, factors, output, adapters_path=adapters, force=force, progress=not quiet)
+    manifest = export(
+        model, spec, factors, output, adapters_path=adapters, force=force, progress=not quiet, precision=precision
+    )
     errs = {f"k={k}": c["max_abs_error"] for k, c in manifest["components"]["transformer"].items()}
+    parity = (
+        f"max |onnx - torch| {', '.join(f'{k} {v:.2g}' for k, v in errs.items())}"
+        if all(v is not None for v in errs.values())
+        else "bf16 graphs not run here (ONNX Runtime's CPU provider has no bfloat16 kernels)"
+    )
     click.echo(
-        f"wrote {output}: sizes {manifest['sizes']}, {manifest['source']['initialisation']}; "
-        f"max |onnx - torch| {', '.join(f'{k} {v:.2g}' for k, v in errs.items())}",
+        f"wrote {output}: sizes {manifest['sizes']}, {precision} transformers, "
+        f"{manifest['source']['initialisation']}; {parity}",
         err=True,
     )
     if trt:

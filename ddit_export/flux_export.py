@@ -14,10 +14,10 @@ from torch.export import Dim
 from ddit_profiles import DDiTError, FluxSpec
 
 from .adapters import resolve_adapters
-from .flux_model import FluxEngine, FluxTeaCacheProbe, size_variant
+from .flux_model import Float32FluxPosEmbed, FluxEngine, FluxTeaCacheProbe, size_variant
 from .loading import load_flux, with_vae_normalisation
 from .manifest import export_graphs, source_block, staging_folder, write_manifest
-from .onnx_io import check_parity, export_onnx
+from .onnx_io import check_parity, export_checked, export_onnx
 
 
 class ClipPooled(nn.Module):
@@ -53,6 +53,10 @@ class VaeDecode(nn.Module):
         return self.vae.decode(latent, return_dict=False)[0]
 
 
+#: Modules a typed (fp16/bf16) transformer graph keeps in float32: the RoPE tables.
+KEEP_FLOAT32 = (Float32FluxPosEmbed,)
+
+
 def _transformer_inputs(spec: FluxSpec, batch: int, height: int, width: int, gen: torch.Generator) -> tuple:
     lh, lw = spec.latent_hw(height, width)
     return (
@@ -70,7 +74,7 @@ def _parity_sizes(spec: FluxSpec) -> list[tuple[int, int, int]]:
     return [(1, h0, w0), (2, h0, min(2 * w0, w1))]
 
 
-def _export_transformer(parts, spec, adapters, factor, folder: Path) -> dict:
+def _export_transformer(parts, spec, adapters, factor, folder: Path, precision: str = "fp32") -> dict:
     transformer = parts["transformer"]
     gen = torch.Generator().manual_seed(factor)
     patch = spec.patch_pixels(factor)
@@ -88,15 +92,32 @@ def _export_transformer(parts, spec, adapters, factor, folder: Path) -> dict:
     with size_variant(transformer, adapters, factor) as adapter:
         engine = FluxEngine(transformer, spec, factor, adapter, residual=True).eval()
         example = _transformer_inputs(spec, 2, *spec.opt_size, gen)
-        files = export_onnx(
-            engine, example, spec.transformer_inputs, spec.transformer_outputs, dynamic, path, spec.opset
-        )
         feeds = [_transformer_inputs(spec, b, h, w, gen) for b, h, w in _parity_sizes(spec)]
-        err = check_parity(
-            path, engine, feeds, spec.transformer_inputs, spec.transformer_tolerance, f"transformer k={factor}"
+        files, err, parity = export_checked(
+            engine,
+            example,
+            spec.transformer_inputs,
+            spec.transformer_outputs,
+            dynamic,
+            path,
+            spec,
+            spec.transformer_tolerance,
+            f"transformer k={factor}",
+            feeds,
+            precision,
+            KEEP_FLOAT32,
         )
-        probe = _export_teacache_probe(transformer, spec, factor, adapter, engine, (dynamic, rows, cols), folder, gen)
-    return dict(onnx=path.name, files=[f.name for f in files], max_abs_error=err, teacache=probe)
+        probe = _export_teacache_probe(
+            transformer, spec, factor, adapter, engine, (dynamic, rows, cols), folder, gen, precision
+        )
+    return dict(
+        onnx=path.name,
+        files=[f.name for f in files],
+        precision=precision,
+        max_abs_error=err,
+        parity=parity,
+        teacache=probe,
+    )
 
 
 def _probe_inputs(engine: FluxEngine, feeds: tuple) -> tuple:
@@ -108,7 +129,7 @@ def _probe_inputs(engine: FluxEngine, feeds: tuple) -> tuple:
     return latent, timestep, guidance, pooled, residual
 
 
-def _export_teacache_probe(transformer, spec, factor, adapter, engine, dims, folder: Path, gen) -> dict:
+def _export_teacache_probe(transformer, spec, factor, adapter, engine, dims, folder: Path, gen, precision) -> dict:
     """``teacache_k{factor}.onnx``: ``FluxTeaCacheProbe`` under the same merged weights as the engine.
     ``dims``: the engine's dynamic shapes and its token-grid Dims (rows, cols)."""
     dynamic, rows, cols = dims
@@ -117,15 +138,24 @@ def _export_teacache_probe(transformer, spec, factor, adapter, engine, dims, fol
     probe_dynamic["residual"] = {0: dynamic["latent"][0], 1: rows, 2: cols}
     path = folder / f"teacache_k{factor}.onnx"
     example = _probe_inputs(engine, _transformer_inputs(spec, 2, *spec.opt_size, gen))
-    files = export_onnx(probe, example, spec.teacache_inputs, spec.teacache_outputs, probe_dynamic, path, spec.opset)
     feeds = [_probe_inputs(engine, _transformer_inputs(spec, b, h, w, gen)) for b, h, w in _parity_sizes(spec)]
-    err = check_parity(path, probe, feeds, spec.teacache_inputs, spec.transformer_tolerance, f"teacache k={factor}")
+    io = (spec.teacache_inputs, spec.teacache_outputs, probe_dynamic)
+    files, err, parity = export_checked(
+        probe, example, *io, path, spec, spec.transformer_tolerance, f"teacache k={factor}", feeds, precision
+    )
     with torch.no_grad():  # the split is exact: the probe's velocity from the engine's residual is the engine's
         args = _transformer_inputs(spec, 1, *spec.min_size, gen)
         split = (probe(*_probe_inputs(engine, args))[1] - engine(*args)[0]).abs().max().item()
     if split > spec.transformer_tolerance.bound(1.0):
         raise DDiTError(f"teacache k={factor}: the probe's velocity differs from the engine's by {split:.3g}")
-    return dict(onnx=path.name, files=[f.name for f in files], max_abs_error=err, split_error=split)
+    return dict(
+        onnx=path.name,
+        files=[f.name for f in files],
+        precision=precision,
+        max_abs_error=err,
+        parity=parity,
+        split_error=split,
+    )
 
 
 def _token_feeds(tokenizer, max_length: int, vocab: int, gen) -> list[tuple]:
@@ -194,8 +224,10 @@ def export_flux(
     adapters_path: str | None = None,
     force: bool = False,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> dict:
-    """Export everything ``ddit-run`` needs into ``out_dir``; return the manifest."""
+    """Export everything ``ddit-run`` needs into ``out_dir``; return the manifest. ``precision`` types the
+    transformer graphs and TeaCache probes (see ``onnx_io.TypedGraph``); the text encoders and the VAE stay float32."""
     factors = spec.check_factors(factors)
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
@@ -209,12 +241,12 @@ def export_flux(
         components = export_graphs(
             folder,
             factors,
-            lambda k, dst: _export_transformer(parts, spec, adapters, k, dst),
+            lambda k, dst: _export_transformer(parts, spec, adapters, k, dst, precision),
             lambda dst: _export_text(parts, spec, dst),
             lambda dst: _export_vae(parts, spec, dst),
             progress,
         )
         untrained = "untrained: PI-resize embedding, bilinear de-embedding, no LoRA"
         source = source_block(model, adapters_file, trained, untrained)
-        manifest = write_manifest(folder, spec, factors, components, source, time.time() - started)
+        manifest = write_manifest(folder, spec, factors, components, source, time.time() - started, precision=precision)
     return manifest

@@ -118,10 +118,18 @@ def scheduler_block(spec) -> dict:
 
 
 def write_manifest(
-    folder: Path, spec, factors, components: dict, source: dict, seconds: float, blocks: dict | None = None
+    folder: Path,
+    spec,
+    factors,
+    components: dict,
+    source: dict,
+    seconds: float,
+    blocks: dict | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Hash every file in ``folder`` and write ``manifest.json``; ``blocks`` are the family-specific sections
-    (io, shapes, scheduler, latent, sigmas, ...), FLUX's when None."""
+    (io, shapes, scheduler, latent, sigmas, ...), FLUX's when None. ``precision``: the transformer graphs' type
+    (every graph's inputs and outputs are float32; the encoders and the VAE are float32 throughout)."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         files[str(path.relative_to(folder))] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
@@ -131,7 +139,7 @@ def write_manifest(
         "family": spec.family,
         "profile": spec.to_dict(),
         "sizes": list(factors),
-        "precision": "fp32",
+        "precision": precision,
         "source": source,
         "files": files,
         "components": components,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -46,6 +47,57 @@ def export_onnx(
             ) from e
         program.save(str(path), external_data=external)
     return sorted(p for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + "."))
+
+
+#: torch dtype of each ``--precision`` (profiles.PRECISIONS).
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: The ONNX element type of each precision's weights.
+ONNX_TYPES = {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}
+
+
+class TypedGraph(torch.nn.Module):
+    """``module`` run in ``precision`` behind float32 inputs and outputs.
+
+    The exported graph casts at its edges, so a typed engine keeps the family's one I/O contract (the runtime does
+    not change) and a strongly typed TensorRT build runs the body in that type. ``module`` is deep-copied (its
+    float32 weights stay intact for the next size), then every floating parameter and buffer is cast, except in the
+    modules of ``keep`` types: the RoPE frequency tables, where half-precision frequencies times token positions
+    would be off by whole radians. Memory: one extra copy of the weights in ``precision`` while it lives.
+    """
+
+    def __init__(self, module: torch.nn.Module, precision: str, keep: tuple[type, ...] = ()):
+        super().__init__()
+        self.dtype = DTYPES[precision]
+        self.module = copy.deepcopy(module).to(self.dtype)
+        for sub in self.module.modules():
+            if isinstance(sub, keep):
+                sub.float()
+
+    def forward(self, *args):
+        args = tuple(a.to(self.dtype) if a.is_floating_point() else a for a in args)
+        out = self.module(*args)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+
+def export_checked(module, args, names, outputs, dynamic, path: Path, spec, tol, label, feeds, precision, keep=()):
+    """Export ``module`` (a float32 transformer engine or probe) typed in ``precision``, check it, and return
+    ``(files, error, parity)``.
+
+    fp32 and fp16 graphs are run by ONNX Runtime on ``feeds`` against the float32 torch ``module`` (fp16 within the
+    profile's ``fp16_tolerance``; ``tol`` for fp32). ONNX Runtime's CPU provider has no bfloat16 kernels, so a bf16
+    graph's check is left to the GPU (``error`` None; ``parity`` says so).
+    """
+    if precision == "fp32":
+        graph = module
+    else:  # TypedGraph.forward takes *args: torch.export then wants the dynamic shapes by position
+        graph, dynamic = TypedGraph(module, precision, keep).eval(), (tuple(dynamic.get(n) for n in names),)
+    files = export_onnx(graph, args, names, outputs, dynamic, path, spec.opset)
+    del graph
+    if precision == "bf16":
+        return files, None, "not run: ONNX Runtime's CPU provider has no bfloat16 kernels (check on a GPU)"
+    bound = spec.fp16_tolerance if precision == "fp16" else tol
+    err = check_parity(path, module, feeds, names, bound, label)
+    return files, err, f"ONNX Runtime CPU against float32 torch, {len(feeds)} input shapes"
 
 
 def double_tensors(path: Path) -> list[str]:

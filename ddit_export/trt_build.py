@@ -173,6 +173,13 @@ def build_plan_polygraphy(
     plan_path.write_bytes(plan)
 
 
+def _precision(data: dict, key: str) -> str:
+    """The type graph ``key`` was exported in: the manifest's ``precision`` for the transformers and their TeaCache
+    probes (``ddit-export --precision``), float32 for the encoders and the VAE."""
+    typed = key.startswith(("transformer_k", "teacache_k"))
+    return data.get("precision", "fp32") if typed else "fp32"
+
+
 def _settings(profile: dict, opt_level: int | None, precision: str) -> dict:
     return {
         "profile": {name: [list(s) for s in shapes] for name, shapes in profile.items()},
@@ -249,7 +256,7 @@ def build_engines(
             "plan": plan_name(graph.onnx, target.version, target.cc),
             "onnx": graph.onnx,
             "onnx_sha256": data["files"][graph.onnx]["sha256"],
-            "settings": _settings(input_profile(data, key), opt_level, data.get("precision", "fp32")),
+            "settings": _settings(input_profile(data, key), opt_level, _precision(data, key)),
         }
         reuse = not force and _reusable(folder, old, target, key, entry)
         plans[key] = old["plans"][key] if reuse else _build_one(folder, entry, graph.onnx, build_plan, cache)

@@ -17,10 +17,10 @@ from ddit_profiles import DDiTError, WanSpec
 
 from .adapters import resolve_adapters
 from .manifest import export_graphs, source_block, staging_folder, write_manifest
-from .onnx_io import check_parity, export_onnx, ort_session
+from .onnx_io import check_parity, export_checked, export_onnx, ort_session
 from .wan_loading import load_wan
 from .wan_manifest import wan_blocks
-from .wan_model import WanEngine, WanTeaCacheProbe, wan_size_variant
+from .wan_model import WanEngine, WanPositionRope, WanTeaCacheProbe, wan_size_variant
 from .wan_vae import VaeDecodeFirst, VaeDecodeStep, cache_names, decode_chunked
 
 
@@ -38,6 +38,10 @@ class Umt5Embeds(nn.Module):
     def forward(self, input_ids, attention_mask):
         hidden = self.t5(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)
+
+
+#: Modules a typed (fp16/bf16) transformer graph keeps in float32: the RoPE tables.
+KEEP_FLOAT32 = (WanPositionRope,)
 
 
 def transformer_inputs(spec: WanSpec, batch: int, frames: int, height: int, width: int, gen) -> tuple:
@@ -58,7 +62,7 @@ def parity_sizes(spec: WanSpec) -> list[tuple[int, int, int, int]]:
     return [(1, spec.min_frames, h0, w0), (2, frames, min(h0 + 16, h1), min(w0 + 80, w1))]
 
 
-def _export_transformer(parts, spec: WanSpec, adapters, factor: int, folder: Path) -> dict:
+def _export_transformer(parts, spec: WanSpec, adapters, factor: int, folder: Path, precision: str = "fp32") -> dict:
     transformer = parts["transformer"]
     gen = torch.Generator().manual_seed(factor)
     (lh0, lw0), (lh1, lw1) = spec.latent_hw(*spec.min_size), spec.latent_hw(*spec.max_size)
@@ -76,11 +80,30 @@ def _export_transformer(parts, spec: WanSpec, adapters, factor: int, folder: Pat
     with wan_size_variant(transformer, adapters, factor) as adapter:
         engine = WanEngine(transformer, spec, factor, adapter, residual=True).eval()
         example = transformer_inputs(spec, 2, spec.opt_frames, *spec.opt_size, gen)
-        files = export_onnx(engine, example, names, outputs, dynamic, path, spec.opset)
         feeds = [transformer_inputs(spec, *size, gen) for size in parity_sizes(spec)]
-        err = check_parity(path, engine, feeds, names, spec.transformer_tolerance, f"transformer k={factor}")
-        probe = _export_teacache_probe(transformer, spec, factor, adapter, engine, dims, folder, gen)
-    return dict(onnx=path.name, files=[f.name for f in files], max_abs_error=err, teacache=probe)
+        files, err, parity = export_checked(
+            engine,
+            example,
+            names,
+            outputs,
+            dynamic,
+            path,
+            spec,
+            spec.transformer_tolerance,
+            f"transformer k={factor}",
+            feeds,
+            precision,
+            KEEP_FLOAT32,
+        )
+        probe = _export_teacache_probe(transformer, spec, factor, adapter, engine, dims, folder, gen, precision)
+    return dict(
+        onnx=path.name,
+        files=[f.name for f in files],
+        precision=precision,
+        max_abs_error=err,
+        parity=parity,
+        teacache=probe,
+    )
 
 
 def _probe_inputs(engine: WanEngine, feeds: tuple) -> tuple:
@@ -92,7 +115,9 @@ def _probe_inputs(engine: WanEngine, feeds: tuple) -> tuple:
     return latent, timestep, residual
 
 
-def _export_teacache_probe(transformer, spec: WanSpec, factor, adapter, engine, dims: dict, folder: Path, gen) -> dict:
+def _export_teacache_probe(
+    transformer, spec: WanSpec, factor, adapter, engine, dims: dict, folder: Path, gen, precision: str = "fp32"
+) -> dict:
     """``teacache_k{factor}.onnx``: ``WanTeaCacheProbe`` under the same merged weights as the engine.
     ``dims``: the engine's latent Dims; the residual's token rows and columns get Dims of their own."""
     (r0, c0), (r1, c1) = (spec.token_grid(factor, *size) for size in (spec.min_size, spec.max_size))
@@ -102,9 +127,21 @@ def _export_teacache_probe(transformer, spec: WanSpec, factor, adapter, engine, 
     path = folder / f"teacache_k{factor}.onnx"
     names, outputs = spec.teacache_inputs, spec.teacache_outputs
     example = _probe_inputs(engine, transformer_inputs(spec, 2, spec.opt_frames, *spec.opt_size, gen))
-    files = export_onnx(probe, example, names, outputs, dynamic, path, spec.opset)
     feeds = [_probe_inputs(engine, transformer_inputs(spec, *size, gen)) for size in parity_sizes(spec)]
-    err = check_parity(path, probe, feeds, names, spec.transformer_tolerance, f"teacache k={factor}")
+    files, err, parity = export_checked(
+        probe,
+        example,
+        names,
+        outputs,
+        dynamic,
+        path,
+        spec,
+        spec.transformer_tolerance,
+        f"teacache k={factor}",
+        feeds,
+        precision,
+        KEEP_FLOAT32,
+    )
     split = 0.0
     with torch.no_grad():  # the split is exact: the probe's velocity from the engine's residual is the engine's
         for size in parity_sizes(spec):
@@ -112,7 +149,14 @@ def _export_teacache_probe(transformer, spec: WanSpec, factor, adapter, engine, 
             split = max(split, (probe(*_probe_inputs(engine, args))[1] - engine(*args)[0]).abs().max().item())
     if split > spec.transformer_tolerance.bound(1.0):
         raise DDiTError(f"teacache k={factor}: the probe's velocity differs from the engine's by {split:.3g}")
-    return dict(onnx=path.name, files=[f.name for f in files], max_abs_error=err, split_error=split)
+    return dict(
+        onnx=path.name,
+        files=[f.name for f in files],
+        precision=precision,
+        max_abs_error=err,
+        parity=parity,
+        split_error=split,
+    )
 
 
 def _token_feeds(tokenizer, max_length: int, vocab: int, gen) -> list[tuple]:
@@ -250,11 +294,13 @@ def export_wan(
     adapters_path: str | None = None,
     force: bool = False,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> dict:
     """Export everything a Wan runtime needs into ``out_dir``; return the manifest.
 
     ``model``: ``tiny``, a local diffusers Wan folder, or a hub id. ``adapters_path``: a ddit-train adapters
     file, ``"none"`` for the untrained initialisation, or None (the tiny model's shipped file, else untrained).
+    ``precision`` types the transformer graphs and TeaCache probes; the text encoder and the VAE stay float32.
     """
     factors = spec.check_factors(factors)
     out_dir = Path(out_dir)
@@ -267,7 +313,7 @@ def export_wan(
         components = export_graphs(
             folder,
             factors,
-            lambda k, dst: _export_transformer(parts, spec, adapters, k, dst),
+            lambda k, dst: _export_transformer(parts, spec, adapters, k, dst, precision),
             lambda dst: {"text_encoder": _export_text(parts, spec, dst)},
             lambda dst: _export_vae(parts, spec, dst),
             progress,
@@ -275,5 +321,6 @@ def export_wan(
         untrained = "untrained: PI-resized Conv3d embedding, bilinear de-embedding, no LoRA"
         source = source_block(model, adapters_file, trained, untrained)
         blocks = wan_blocks(spec, factors, components, parts["vae"].config, parts["scheduler"])
-        manifest = write_manifest(folder, spec, factors, components, source, time.time() - started, blocks)
+        seconds = time.time() - started
+        manifest = write_manifest(folder, spec, factors, components, source, seconds, blocks, precision)
     return manifest

@@ -36,6 +36,8 @@ class WanRecipeSteps:
     vae_frames: int = 5  # 1 + 4 n: two latent frames
     vae_lr: float = 3e-4  # held in phase 1; 1e-3 (the FLUX VAE's) drives this VAE into saturation for good
     vae_clip_lr: float = 1e-4  # phase 2 anneals from here
+    vae_full_steps: int = 200  # phase 3: clips of the model's length, where a recolour falls inside a latent frame
+    vae_full_lr: float = 5e-5  # phase 3 anneals from here
     examples: int = 2000
     transformer_steps: int = 3000
     transformer_batch: int = 8
@@ -55,6 +57,7 @@ class WanRecipeSteps:
             vae_image_steps=2,
             vae_image_batch=2,
             vae_steps=2,
+            vae_full_steps=1,
             vae_batch=1,
             vae_crop=64,
             examples=6,
@@ -119,7 +122,7 @@ class WanRecipe(RecipeBase):
         if folder.is_dir():
             parts["vae"] = AutoencoderKLWan.from_pretrained(folder, use_safetensors=True)
             return
-        _log("training the video VAE: single frames, then clips")
+        _log("training the video VAE: single frames, short clips, then clips of the model's length")
         vae, s = parts["vae"], self.steps
         init_per_frame(vae)
         phase = dict(decode=decode_unclamped, deterministic=True)  # both: see _vae_loop and decode_unclamped
@@ -137,6 +140,14 @@ class WanRecipe(RecipeBase):
             s.vae_steps,
             lr=s.vae_clip_lr,
             seed_offset=1,
+            **phase,
+        )
+        self._vae_loop(
+            vae,
+            lambda rng: torch.stack([self._crop(rng, self.frames) for _ in range(s.vae_batch)]),
+            s.vae_full_steps,
+            lr=s.vae_full_lr,
+            seed_offset=2,
             **phase,
         )
         mean, std = self._latent_stats(vae)

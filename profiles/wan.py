@@ -62,6 +62,7 @@ class WanSpec:
     transformer_tolerance: Tolerance = Tolerance(atol=1e-3, rtol=5e-3)
     text_tolerance: Tolerance = Tolerance(atol=1e-3, rtol=5e-3)
     vae_tolerance: Tolerance = Tolerance(atol=1e-3, rtol=5e-3)
+    fp16_tolerance: Tolerance = Tolerance(atol=1e-2, rtol=3e-2)  # as FluxSpec's
     tiny_configs: dict = field(default_factory=dict, compare=False, repr=False)
     family: str = "wan"
     transformer_inputs: tuple[str, ...] = WAN_TRANSFORMER_INPUTS
