@@ -93,31 +93,14 @@ def _export_transformer(parts, spec, adapters, factor, folder: Path, precision: 
         engine = FluxEngine(transformer, spec, factor, adapter, residual=True).eval()
         example = _transformer_inputs(spec, 2, *spec.opt_size, gen)
         feeds = [_transformer_inputs(spec, b, h, w, gen) for b, h, w in _parity_sizes(spec)]
-        files, err, parity = export_checked(
-            engine,
-            example,
-            spec.transformer_inputs,
-            spec.transformer_outputs,
-            dynamic,
-            path,
-            spec,
-            spec.transformer_tolerance,
-            f"transformer k={factor}",
-            feeds,
-            precision,
-            KEEP_FLOAT32,
+        io = (spec.transformer_inputs, spec.transformer_outputs, dynamic)
+        entry = export_checked(
+            engine, example, io, path, spec, f"transformer k={factor}", feeds, precision, KEEP_FLOAT32
         )
-        probe = _export_teacache_probe(
+        entry["teacache"] = _export_teacache_probe(
             transformer, spec, factor, adapter, engine, (dynamic, rows, cols), folder, gen, precision
         )
-    return dict(
-        onnx=path.name,
-        files=[f.name for f in files],
-        precision=precision,
-        max_abs_error=err,
-        parity=parity,
-        teacache=probe,
-    )
+    return entry
 
 
 def _probe_inputs(engine: FluxEngine, feeds: tuple) -> tuple:
@@ -140,22 +123,13 @@ def _export_teacache_probe(transformer, spec, factor, adapter, engine, dims, fol
     example = _probe_inputs(engine, _transformer_inputs(spec, 2, *spec.opt_size, gen))
     feeds = [_probe_inputs(engine, _transformer_inputs(spec, b, h, w, gen)) for b, h, w in _parity_sizes(spec)]
     io = (spec.teacache_inputs, spec.teacache_outputs, probe_dynamic)
-    files, err, parity = export_checked(
-        probe, example, *io, path, spec, spec.transformer_tolerance, f"teacache k={factor}", feeds, precision
-    )
+    entry = export_checked(probe, example, io, path, spec, f"teacache k={factor}", feeds, precision)
     with torch.no_grad():  # the split is exact: the probe's velocity from the engine's residual is the engine's
         args = _transformer_inputs(spec, 1, *spec.min_size, gen)
         split = (probe(*_probe_inputs(engine, args))[1] - engine(*args)[0]).abs().max().item()
     if split > spec.transformer_tolerance.bound(1.0):
         raise DDiTError(f"teacache k={factor}: the probe's velocity differs from the engine's by {split:.3g}")
-    return dict(
-        onnx=path.name,
-        files=[f.name for f in files],
-        precision=precision,
-        max_abs_error=err,
-        parity=parity,
-        split_error=split,
-    )
+    return entry | dict(split_error=split)
 
 
 def _token_feeds(tokenizer, max_length: int, vocab: int, gen) -> list[tuple]:

@@ -51,8 +51,6 @@ def export_onnx(
 
 #: torch dtype of each ``--precision`` (profiles.PRECISIONS).
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-#: The ONNX element type of each precision's weights.
-ONNX_TYPES = {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}
 
 
 class TypedGraph(torch.nn.Module):
@@ -61,8 +59,9 @@ class TypedGraph(torch.nn.Module):
     The exported graph casts at its edges, so a typed engine keeps the family's one I/O contract (the runtime does
     not change) and a strongly typed TensorRT build runs the body in that type. ``module`` is deep-copied (its
     float32 weights stay intact for the next size), then every floating parameter and buffer is cast, except in the
-    modules of ``keep`` types: the RoPE frequency tables, where half-precision frequencies times token positions
-    would be off by whole radians. Memory: one extra copy of the weights in ``precision`` while it lives.
+    modules of ``keep`` types: the RoPE frequency tables (a half-precision frequency's rounding error, about 1e-3
+    relative, grows with the token position in every angle). Memory: one extra copy of the weights in
+    ``precision`` while it lives.
     """
 
     def __init__(self, module: torch.nn.Module, precision: str, keep: tuple[type, ...] = ()):
@@ -79,25 +78,29 @@ class TypedGraph(torch.nn.Module):
         return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
 
-def export_checked(module, args, names, outputs, dynamic, path: Path, spec, tol, label, feeds, precision, keep=()):
-    """Export ``module`` (a float32 transformer engine or probe) typed in ``precision``, check it, and return
-    ``(files, error, parity)``.
+def export_checked(module, example, io: tuple, path: Path, spec, label: str, feeds, precision, keep=()) -> dict:
+    """Export ``module`` (a float32 transformer engine or probe) typed in ``precision``, check it, and return its
+    manifest entry: ``onnx``, ``files``, ``precision``, ``max_abs_error``, ``parity``.
 
-    fp32 and fp16 graphs are run by ONNX Runtime on ``feeds`` against the float32 torch ``module`` (fp16 within the
-    profile's ``fp16_tolerance``; ``tol`` for fp32). ONNX Runtime's CPU provider has no bfloat16 kernels, so a bf16
-    graph's check is left to the GPU (``error`` None; ``parity`` says so).
+    ``io`` is (input names, output names, dynamic shapes by input name). fp32 and fp16 graphs are run by ONNX
+    Runtime on ``feeds`` against the float32 torch ``module``, within the profile's ``transformer_tolerance``
+    (fp32) or ``fp16_tolerance``. ONNX Runtime's CPU provider has no bfloat16 kernels, so a bf16 graph's check is
+    left to a GPU (``max_abs_error`` None; ``parity`` says so).
     """
+    names, outputs, dynamic = io
     if precision == "fp32":
         graph = module
     else:  # TypedGraph.forward takes *args: torch.export then wants the dynamic shapes by position
         graph, dynamic = TypedGraph(module, precision, keep).eval(), (tuple(dynamic.get(n) for n in names),)
-    files = export_onnx(graph, args, names, outputs, dynamic, path, spec.opset)
+    files = export_onnx(graph, example, names, outputs, dynamic, path, spec.opset)
     del graph
     if precision == "bf16":
-        return files, None, "not run: ONNX Runtime's CPU provider has no bfloat16 kernels (check on a GPU)"
-    bound = spec.fp16_tolerance if precision == "fp16" else tol
-    err = check_parity(path, module, feeds, names, bound, label)
-    return files, err, f"ONNX Runtime CPU against float32 torch, {len(feeds)} input shapes"
+        err, parity = None, "not run: ONNX Runtime's CPU provider has no bfloat16 kernels (check on a GPU)"
+    else:
+        bound = spec.fp16_tolerance if precision == "fp16" else spec.transformer_tolerance
+        err = check_parity(path, module, feeds, names, bound, label)
+        parity = f"ONNX Runtime CPU against float32 torch, {len(feeds)} input shapes"
+    return dict(onnx=path.name, files=[f.name for f in files], precision=precision, max_abs_error=err, parity=parity)
 
 
 def double_tensors(path: Path) -> list[str]:

@@ -124,6 +124,17 @@ class RecipeBase:
             self._stages.write_text(json.dumps(self.summary, indent=2) + "\n")
         return result
 
+    def _replace_transformer(self, parts: dict, ema, settings: dict) -> None:
+        """End of a ``finetune`` stage: ``ema`` replaces the model's transformer through a temporary folder, then
+        ``finetune.json`` (``settings``) marks the stage done."""
+        folder, tmp = self.model_dir / "transformer", self.model_dir / ".transformer.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ema.save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(folder)
+        tmp.rename(folder)
+        parts["transformer"] = ema
+        (self.out / "finetune.json").write_text(json.dumps(settings) + "\n")
+
     def _progress(self, total: int, desc: str):
         """A tqdm bar and a ``progress(step, loss)`` callback that advances it."""
         bar = tqdm(total=total, desc=desc, disable=not self.progress)
@@ -420,13 +431,9 @@ class FluxRecipe(RecipeBase):
             lr=s.finetune_lr,
             seed_offset=100,
         )
-        folder, tmp = self.model_dir / "transformer", self.model_dir / ".transformer.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        ema.save_pretrained(tmp, safe_serialization=True)
-        shutil.rmtree(folder)
-        tmp.rename(folder)
-        parts["transformer"] = ema
-        marker.write_text(json.dumps(dict(steps=s.finetune_steps, lr=s.finetune_lr, dropout=s.finetune_dropout)) + "\n")
+        self._replace_transformer(
+            parts, ema, dict(steps=s.finetune_steps, lr=s.finetune_lr, dropout=s.finetune_dropout)
+        )
 
     def _train_flux(self, model, data: dict, empty=None, dropout: float = 0.0, **phase):
         """Flow matching on the FLUX transformer. ``empty`` (the empty caption's T5 states [1, T, D] and pooled

@@ -81,29 +81,14 @@ def _export_transformer(parts, spec: WanSpec, adapters, factor: int, folder: Pat
         engine = WanEngine(transformer, spec, factor, adapter, residual=True).eval()
         example = transformer_inputs(spec, 2, spec.opt_frames, *spec.opt_size, gen)
         feeds = [transformer_inputs(spec, *size, gen) for size in parity_sizes(spec)]
-        files, err, parity = export_checked(
-            engine,
-            example,
-            names,
-            outputs,
-            dynamic,
-            path,
-            spec,
-            spec.transformer_tolerance,
-            f"transformer k={factor}",
-            feeds,
-            precision,
-            KEEP_FLOAT32,
+        io = (names, outputs, dynamic)
+        entry = export_checked(
+            engine, example, io, path, spec, f"transformer k={factor}", feeds, precision, KEEP_FLOAT32
         )
-        probe = _export_teacache_probe(transformer, spec, factor, adapter, engine, dims, folder, gen, precision)
-    return dict(
-        onnx=path.name,
-        files=[f.name for f in files],
-        precision=precision,
-        max_abs_error=err,
-        parity=parity,
-        teacache=probe,
-    )
+        entry["teacache"] = _export_teacache_probe(
+            transformer, spec, factor, adapter, engine, dims, folder, gen, precision
+        )
+    return entry
 
 
 def _probe_inputs(engine: WanEngine, feeds: tuple) -> tuple:
@@ -128,19 +113,8 @@ def _export_teacache_probe(
     names, outputs = spec.teacache_inputs, spec.teacache_outputs
     example = _probe_inputs(engine, transformer_inputs(spec, 2, spec.opt_frames, *spec.opt_size, gen))
     feeds = [_probe_inputs(engine, transformer_inputs(spec, *size, gen)) for size in parity_sizes(spec)]
-    files, err, parity = export_checked(
-        probe,
-        example,
-        names,
-        outputs,
-        dynamic,
-        path,
-        spec,
-        spec.transformer_tolerance,
-        f"teacache k={factor}",
-        feeds,
-        precision,
-        KEEP_FLOAT32,
+    entry = export_checked(
+        probe, example, (names, outputs, dynamic), path, spec, f"teacache k={factor}", feeds, precision, KEEP_FLOAT32
     )
     split = 0.0
     with torch.no_grad():  # the split is exact: the probe's velocity from the engine's residual is the engine's
@@ -149,14 +123,7 @@ def _export_teacache_probe(
             split = max(split, (probe(*_probe_inputs(engine, args))[1] - engine(*args)[0]).abs().max().item())
     if split > spec.transformer_tolerance.bound(1.0):
         raise DDiTError(f"teacache k={factor}: the probe's velocity differs from the engine's by {split:.3g}")
-    return dict(
-        onnx=path.name,
-        files=[f.name for f in files],
-        precision=precision,
-        max_abs_error=err,
-        parity=parity,
-        split_error=split,
-    )
+    return entry | dict(split_error=split)
 
 
 def _token_feeds(tokenizer, max_length: int, vocab: int, gen) -> list[tuple]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from dataclasses import dataclass
 
 import torch
@@ -265,13 +264,7 @@ class WanRecipe(RecipeBase):
             lr=s.finetune_lr,
             seed_offset=7,
         )
-        folder, tmp = self.model_dir / "transformer", self.model_dir / ".transformer.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        ema.save_pretrained(tmp, safe_serialization=True)
-        shutil.rmtree(folder)
-        tmp.rename(folder)
-        parts["transformer"] = ema
-        marker.write_text(json.dumps(dict(steps=s.finetune_steps, mu=s.finetune_mu, lr=s.finetune_lr)) + "\n")
+        self._replace_transformer(parts, ema, dict(steps=s.finetune_steps, mu=s.finetune_mu, lr=s.finetune_lr))
 
     # ---- adapters ---------------------------------------------------------------------------------------------------
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 from .errors import DDiTError
 
-#: Names of the transformer engine's inputs and outputs: one contract for every patch factor.
 #: Precisions a transformer graph can be typed in (``ddit-export --precision``). The graph's inputs and outputs stay
 #: float32 (every engine keeps one I/O contract); its weights and arithmetic are in this type, so a strongly typed
 #: TensorRT build runs it so, with no builder precision flags.
 PRECISIONS = ("fp32", "fp16", "bf16")
 
+#: Names of the transformer engine's inputs and outputs: one contract for every patch factor.
 FLUX_TRANSFORMER_INPUTS = ("latent", "timestep", "guidance", "encoder_hidden_states", "pooled_projections")
 FLUX_TRANSFORMER_OUTPUTS = ("velocity", "residual")  # residual: what the blocks added, for TeaCache
 #: The per-size TeaCache probe: the cheap signal, and the velocity from a cached residual.
@@ -257,9 +257,10 @@ class FluxSpec:
             kw["shift"] = FlowShift(**kw["shift"])
             if "teacache" in kw:  # absent from manifests written before TeaCache
                 kw["teacache"] = _teacache(kw["teacache"])
-            for key in ("transformer_tolerance", "text_tolerance", "vae_tolerance", "fp16_tolerance"):
-                if key in kw or key != "fp16_tolerance":  # absent from manifests written before --precision
-                    kw[key] = Tolerance(**kw[key])
+            for key in ("transformer_tolerance", "text_tolerance", "vae_tolerance"):
+                kw[key] = Tolerance(**kw[key])
+            if "fp16_tolerance" in kw:  # absent from manifests written before --precision
+                kw["fp16_tolerance"] = Tolerance(**kw["fp16_tolerance"])
             for key in (
                 "patch_factors",
                 "min_size",
