@@ -444,7 +444,7 @@ def train_main(family, model, profile_name, sizes, output, eval_only, force, qui
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_one_line_errors
 def recipe_main(family, output, smoke, install, seed, quiet):
-    """Rebuild the embedded tiny FAMILY model (flux or wan) from nothing, with fixed seeds (about 90 minutes on 2 cores).
+    """Rebuild the embedded tiny FAMILY model (flux or wan) from nothing, with fixed seeds (2 cores: flux about 76 min, wan about 100).
 
     Stages: tokenizers, frozen text encoders, VAE, latents, transformer (flow matching), DDiT adapters. A stage
     whose output exists in the working folder is skipped, so an interrupted recipe resumes where it stopped.

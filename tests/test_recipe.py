@@ -84,3 +84,21 @@ def test_shipped_tiny_model_is_small_and_trained(tiny_spec):
     recipe = json.loads((folder / "recipe.json").read_text())
     for k in ("2", "4"):
         assert recipe["adapters_eval"][k]["trained"] < recipe["adapters_eval"][k]["init"]
+
+
+@pytest.mark.skipif(shipped_model("wan") is None, reason="no trained tiny Wan in the package yet")
+def test_shipped_tiny_wan_is_trained_and_matches_its_profile():
+    from ddit_export.wan_loading import build_tiny_wan, load_wan
+    from ddit_profiles import get_profile
+
+    spec = get_profile("wan-tiny")
+    parts = load_wan("tiny", spec)  # the shipped folder, through from_pretrained; checked against the profile
+    random_init = build_tiny_wan(spec)["transformer"].state_dict()
+    trained = parts["transformer"].state_dict()
+    assert trained.keys() == random_init.keys()
+    assert any(not torch.equal(trained[k], random_init[k]) for k in trained)
+    load_adapters(shipped_adapters("wan"), parts["transformer"], spec, [1, 2, 4])
+    recipe = json.loads((shipped_model("wan") / "recipe.json").read_text())
+    assert recipe["steps"]["finetune_steps"] > 0
+    for k in ("2", "4"):
+        assert recipe["adapters_eval"][k]["trained"] < recipe["adapters_eval"][k]["init"]
