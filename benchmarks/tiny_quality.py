@@ -1,6 +1,6 @@
 """Quality of an embedded tiny model (FLUX or Wan), and of DDiT on it, measured side by side in one run.
 
-    python benchmarks/tiny_quality.py ENGINES_DIR [--captions 100] [--per-kind 50] [--steps 20] [--tau T]
+    python benchmarks/tiny_quality.py ENGINES_DIR [--captions 100] [--per-kind 50] [--steps 20] [--tau T] [--rho R]
         [--sizes 1,2] [--offset N] [--json F]
 
 For held-out captions (seeds never used in training) it generates the native fixed schedule and DDiT's schedule
@@ -27,13 +27,15 @@ def _mean(xs):
     return statistics.fmean(xs) if xs else float("nan")
 
 
-def compare(runtime, seeds: list[int], simple: bool | None, steps: int, tau: float | None) -> dict:
+def compare(
+    runtime, seeds: list[int], simple: bool | None, steps: int, tau: float | None, rho: float | None = None
+) -> dict:
     rows = []
     for seed in seeds:
         prompt = example(runtime.spec.family, seed, simple)
         caption, score = prompt.text, prompt.score
         native = runtime.generate(caption, steps=steps, seed=seed, schedule=[1] * steps, progress=False)
-        ddit = runtime.generate(caption, steps=steps, seed=seed, tau=tau, progress=False)
+        ddit = runtime.generate(caption, steps=steps, seed=seed, tau=tau, rho=rho, progress=False)
         pairs = list(zip(frames_of(ddit.image), frames_of(native.image), strict=True))
         rows.append(
             dict(
@@ -83,6 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per-kind", type=int, default=50)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--tau", type=float, default=None)
+    ap.add_argument("--rho", type=float, default=None, help="the scheduler's quantile (default: the profile's)")
     ap.add_argument("--sizes", default=None, help="load only these exported patch sizes, e.g. 1,2 (default: all)")
     ap.add_argument("--offset", type=int, default=0, help="shift the held-out seeds (e.g. for a calibration set)")
     ap.add_argument("--json", default=None)
@@ -93,15 +96,19 @@ def main(argv=None) -> int:
     runtime = (WanRuntime if family == "wan" else FluxRuntime)(args.engines, provider="cpu", sizes=sizes)
     steps = args.steps or runtime.spec.scheduler.steps
     base = HELD_OUT_SEED + args.offset
-    overall = compare(runtime, list(range(base, base + args.captions)), None, steps, args.tau)
-    simple = compare(runtime, list(range(base + 10_000, base + 10_000 + args.per_kind)), True, steps, args.tau)
-    detailed = compare(runtime, list(range(base + 20_000, base + 20_000 + args.per_kind)), False, steps, args.tau)
+    overall = compare(runtime, list(range(base, base + args.captions)), None, steps, args.tau, args.rho)
+    simple = compare(
+        runtime, list(range(base + 10_000, base + 10_000 + args.per_kind)), True, steps, args.tau, args.rho
+    )
+    detailed = compare(
+        runtime, list(range(base + 20_000, base + 20_000 + args.per_kind)), False, steps, args.tau, args.rho
+    )
     tau = runtime.spec.scheduler.tau if args.tau is None else args.tau
     report = dict(
         engines=args.engines,
         steps=steps,
         tau=tau,
-        rho=runtime.spec.scheduler.rho,
+        rho=runtime.spec.scheduler.rho if args.rho is None else args.rho,
         seconds=round(time.time() - started, 1),
         overall=overall,
         simple_coarse_fraction=simple["coarse_fraction"],

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .cpu_memory import keep_freed_memory
 from .flux_model import FluxEngine, size_variant
 from .shapes import VOCABULARY, make_example
 from .tiny import PACKAGE_MODELS, build_tiny_flux, word_tokenizers
@@ -90,6 +91,7 @@ class RecipeBase:
 
     def run(self) -> dict:
         """Run every stage not done yet; returns the summary also written to ``recipe.json``."""
+        keep_freed_memory()
         self.out.mkdir(parents=True, exist_ok=True)
         self.summary = json.loads(self._stages.read_text()) if self._stages.is_file() else {}
         m = self.model_dir

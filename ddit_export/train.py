@@ -32,6 +32,7 @@ from ddit_runtime.unipc import wan_flow_sigmas
 
 from . import __version__
 from .adapters import DDiTAdapters, load_adapters, model_signature, untrained_adapters
+from .cpu_memory import keep_freed_memory
 from .flux_model import FluxEngine, _lora_layers, size_variant
 from .loading import load_flux, with_vae_normalisation
 from .train_data import (
@@ -392,6 +393,7 @@ class Trainer:
             raise DDiTError(
                 f"'{self.out / ADAPTERS_FILE}' exists already: pass --force to retrain, or --eval alone to evaluate it"
             )
+        keep_freed_memory()
         train, held = self.data()
         adapters, done, resume = self._start()
         for k in self.cfg.sizes:
