@@ -178,7 +178,12 @@ def _backend_options(fn):
     help="Scheduler threshold: the largest patch whose rho-quantile of per-patch std of the third "
     "difference is below tau is chosen. Larger is faster, smaller is finer (default: manifest's).",
 )
-@click.option("--rho", type=float, default=None, help="Quantile in [0, 1] of the per-patch stds (default 0.4).")
+@click.option(
+    "--rho",
+    type=float,
+    default=None,
+    help="Quantile in [0, 1] of the per-patch stds (default: the manifest's: 0.7 for the tiny FLUX, the paper's 0.4 otherwise).",
+)
 @click.option(
     "--schedule",
     default="auto",
@@ -444,7 +449,7 @@ def train_main(family, model, profile_name, sizes, output, eval_only, force, qui
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_one_line_errors
 def recipe_main(family, output, smoke, install, seed, quiet):
-    """Rebuild the embedded tiny FAMILY model (flux or wan) from nothing, with fixed seeds (2 cores: flux about 76 min, wan about 100).
+    """Rebuild the embedded tiny FAMILY model (flux or wan) from nothing, with fixed seeds (2 cores: flux about 76 min, wan about 82).
 
     Stages: tokenizers, frozen text encoders, VAE, latents, transformer (flow matching), DDiT adapters. A stage
     whose output exists in the working folder is skipped, so an interrupted recipe resumes where it stopped.
