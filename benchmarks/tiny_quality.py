@@ -12,6 +12,7 @@ of coarse steps. Then it compares the coarse fraction of simple and detailed cap
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -96,13 +97,10 @@ def main(argv=None) -> int:
     runtime = (WanRuntime if family == "wan" else FluxRuntime)(args.engines, provider="cpu", sizes=sizes)
     steps = args.steps or runtime.spec.scheduler.steps
     base = HELD_OUT_SEED + args.offset
-    overall = compare(runtime, list(range(base, base + args.captions)), None, steps, args.tau, args.rho)
-    simple = compare(
-        runtime, list(range(base + 10_000, base + 10_000 + args.per_kind)), True, steps, args.tau, args.rho
-    )
-    detailed = compare(
-        runtime, list(range(base + 20_000, base + 20_000 + args.per_kind)), False, steps, args.tau, args.rho
-    )
+    run = functools.partial(compare, runtime, steps=steps, tau=args.tau, rho=args.rho)
+    overall = run(list(range(base, base + args.captions)), None)
+    simple = run(list(range(base + 10_000, base + 10_000 + args.per_kind)), True)
+    detailed = run(list(range(base + 20_000, base + 20_000 + args.per_kind)), False)
     tau = runtime.spec.scheduler.tau if args.tau is None else args.tau
     report = dict(
         engines=args.engines,
