@@ -11,6 +11,8 @@ from ddit_runtime.scheduler import (
     parse_schedule,
     patch_sigma,
     patch_std_map,
+    patch_std_maps,
+    quantile,
     third_difference,
 )
 
@@ -89,6 +91,28 @@ def test_patch_std_map_matches_loop(patch, shape):
     expected = reference_std_map(delta, patch)
     assert got.shape == (shape[0], *shape[2:-2], shape[-2] // patch, shape[-1] // patch)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("patches", [(2, 4, 8), (4, 6, 12), (12,)])
+def test_patch_std_maps_built_from_finer_tiles_match_loop(patches):
+    # (2, 4, 8): each side from the previous one's moments; (4, 6, 12): 6 is not a multiple of 4, so computed afresh
+    delta = torch.randn(2, 3, 24, 48, generator=torch.Generator().manual_seed(5))
+    for patch, got in zip(patches, patch_std_maps(delta, patches), strict=True):
+        torch.testing.assert_close(got, reference_std_map(delta, patch))
+
+
+def test_patch_std_map_is_not_fooled_by_a_large_offset():
+    # one-pass E[x^2] - E[x]^2 in float32 would turn a 1e3 offset into a std of ~0.1; two passes keep it exact
+    delta = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 1e-3
+    offset = delta + 1000.0
+    torch.testing.assert_close(patch_std_map(offset, 4), reference_std_map(delta, 4).float(), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 16, 61])
+@pytest.mark.parametrize("rho", [0.0, 0.25, 0.4, 0.7, 0.999, 1.0])
+def test_quantile_matches_torch_quantile(n, rho):
+    values = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    torch.testing.assert_close(quantile(values, rho), torch.quantile(values, rho, interpolation="linear"))
 
 
 def test_patch_std_map_rejects_ragged_latent():
