@@ -199,6 +199,14 @@ def _backend_options(fn):
     "under this threshold (faster as it grows; FLUX 0.25 / 0.4 / 0.6, Wan 0.05 / 0.065 / 0.08, one accumulator "
     "per guidance pass). Composes with the patch schedule.",
 )
+@click.option(
+    "--teacache-switch",
+    type=click.Choice(["recompute", "per-size"]),
+    default="recompute",
+    show_default=True,
+    help="What a patch-size switch does to TeaCache: 'recompute' runs the blocks at every switch; 'per-size' keeps "
+    "a residual, signal and sum per size and may reuse a size's residual from before the switch.",
+)
 @click.option("--frames", type=int, default=None, help="Wan: video frames, 4n+1 (default: the profile's).")
 @click.option(
     "--negative-prompt",
@@ -257,7 +265,7 @@ def run_main(engines, prompt, output, steps, schedule, backend, provider, cuda_g
         _say_backend(runtime, as_json)
         steps = runtime.spec.scheduler.steps if steps is None else steps
         fixed = parse_schedule(schedule, steps, runtime.sizes)
-        keys = ("seed", "height", "width", "guidance", "true_cfg", "tau", "rho", "teacache")
+        keys = ("seed", "height", "width", "guidance", "true_cfg", "tau", "rho", "teacache", "teacache_switch")
         negative = {} if opts["negative_prompt"] is None else {"negative_prompt": opts["negative_prompt"]}
         result = runtime.generate(
             prompt, steps=steps, schedule=fixed, progress=not as_json, **{k: opts[k] for k in keys}, **negative
@@ -280,7 +288,8 @@ def _run_wan(engines, prompt, output, steps, schedule, load, as_json, opts):
     _say_backend(runtime, as_json)
     steps = runtime.spec.scheduler.steps if steps is None else steps
     fixed = parse_schedule(schedule, steps, runtime.sizes)
-    keys = ("negative_prompt", "frames", "height", "width", "seed", "guidance_scale", "tau", "rho", "cfg", "teacache")
+    keys = ("negative_prompt", "frames", "height", "width", "seed", "guidance_scale", "tau", "rho", "cfg")
+    keys += ("teacache", "teacache_switch")
     result = runtime.generate(prompt, steps=steps, schedule=fixed, progress=not as_json, **{k: opts[k] for k in keys})
     settings = dict(result.settings, schedule=result.schedule)
     if opts["frames_dir"] is not None:

@@ -144,6 +144,7 @@ class Bench:
                     schedule=result.schedule,
                     computed=result.computed or [True] * len(result.schedule),
                     forced=result.settings.get("teacache_forced_by_switch", 0),
+                    reused=result.settings.get("teacache_reused_across_switch", 0),
                     score=prompt.score(result.image) if prompt.score else None,
                     ssim=_mean([ssim(a, b) for a, b in pairs]),
                     psnr=_psnr_mean([psnr(a, b) for a, b in pairs]),
@@ -162,6 +163,14 @@ class Bench:
         if self.teacache:
             out += [Method(f"TeaCache {h:g}", "teacache", dict(schedule=[1] * steps, teacache=h)) for h in thresholds]
             out += [Method(f"DDiT+TeaCache {h:g}", "ddit+teacache", dict(tau=tau, teacache=h)) for h in thresholds]
+            out += [  # the other switch policy: a residual per size, reusable across a switch
+                Method(
+                    f"DDiT+TeaCache {h:g} per-size",
+                    "ddit+teacache",
+                    dict(tau=tau, teacache=h, teacache_switch="per-size"),
+                )
+                for h in thresholds
+            ]
         return out
 
     def run(self, taus: list[float] | None = None, thresholds: list[float] | None = None) -> dict:
@@ -288,6 +297,7 @@ class Bench:
                     coarse_fraction=_mean([sum(f > 1 for f in r["schedule"]) / len(r["schedule"]) for r in m.runs]),
                     computed_fraction=_mean([sum(r["computed"]) / len(r["computed"]) for r in m.runs]),
                     forced_by_switch=_mean([r["forced"] for r in m.runs]),
+                    reused_across_switch=_mean([r.get("reused", 0) for r in m.runs]),
                     steps=_median(steps),
                     score=_mean(scores) if scores else None,
                     ssim=_mean([r["ssim"] for r in m.runs]),
@@ -340,15 +350,16 @@ def markdown(report: dict) -> str:
         f"scheduler overhead: {report['scheduler_overhead_ms']:.3f} ms per step = "
         f"{report['scheduler_overhead_pct']:.2f}% of a native step (runtime step = fixed-schedule step + this)",
         "",
-        "| method | speedup | s / image | steps run (computed) | coarse | score | SSIM | PSNR dB | RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | speedup | s / image | steps run (computed) | switches forced / reused | coarse | score | SSIM "
+        "| PSNR dB | RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["methods"]:
         score = f"{r['score']:.3f}" if r["score"] is not None else "-"
         psnr_ = f"{r['psnr']:.1f}"
         lines.append(
             f"| {r['method']} | {r['speedup']:.2f}x | {r['mean_s']:.3f} | {r['steps']:g} ({r['computed_fraction']:.0%}) "
-            f"| {r['coarse_fraction']:.0%} | {score} | {r['ssim']:.3f} | {psnr_} | {r['peak_rss_mb']:.0f} |"
+            f"| {r['forced_by_switch']:.1f} / {r.get('reused_across_switch', 0):.1f} | {r['coarse_fraction']:.0%} | {score} | {r['ssim']:.3f} | {psnr_} | {r['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines)
 

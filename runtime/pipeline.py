@@ -106,11 +106,14 @@ class FluxRuntime:
         progress: bool = True,
         true_cfg: float | None = None,
         negative_prompt: str = "",
+        teacache_switch: str = "recompute",
     ) -> Generation:
         """Run the whole pipeline. ``schedule`` fixes the factor per step; None lets the DDiT scheduler choose.
         ``teacache`` (a threshold such as 0.25 / 0.4 / 0.6) also skips the blocks on steps TeaCache deems cheap.
         ``true_cfg`` above 1 (default: the profile's) guides against ``negative_prompt`` with a second engine
-        call per step: v = v_neg + true_cfg * (v - v_neg), one TeaCache accumulator per pass."""
+        call per step: v = v_neg + true_cfg * (v - v_neg), one TeaCache accumulator per pass.
+        ``teacache_switch``: what a patch-size switch does to TeaCache, ``recompute`` or ``per-size`` (see
+        ``teacache``)."""
         spec, defaults = self.spec, self.spec.scheduler
         height = spec.opt_size[0] if height is None else height
         width = spec.opt_size[1] if width is None else width
@@ -130,7 +133,10 @@ class FluxRuntime:
         guided = true_cfg > 1.0
         caches = None
         if teacache is not None:  # one accumulator per pass: the prompt's, and the negative's when guided
-            caches = [TeaCache(teacache, spec.teacache.coefficients, steps) for _ in range(2 if guided else 1)]
+            caches = [
+                TeaCache(teacache, spec.teacache.coefficients, steps, teacache_switch)
+                for _ in range(2 if guided else 1)
+            ]
             for k in self.sizes if schedule is None else sorted(set(schedule)):
                 self._probe(k)  # fail before any work when the folder has no probes
         started = time.perf_counter()
@@ -154,7 +160,9 @@ class FluxRuntime:
             teacache=teacache,
         )
         if caches is not None:  # every pass sees the same schedule: count the steps once
+            settings["teacache_switch"] = teacache_switch
             settings["teacache_forced_by_switch"] = caches[0].forced_by_switch
+            settings["teacache_reused_across_switch"] = caches[0].reused_across_switch
         return Generation(image, used, step_ms, time.perf_counter() - started, settings, computed)
 
     def _buffers(self, factor: int, height: int, width: int) -> dict[str, torch.Tensor]:

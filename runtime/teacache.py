@@ -6,10 +6,17 @@ relative L1 change since the previous step, rescaled by the profile's polynomial
 stays under the threshold the step reuses the cached residual; otherwise the full engine runs, refreshes the
 cache, and the sum resets. The first and last steps always run.
 
-A patch-size switch also forces a full step: a cached residual lives on one size's token grid, and the signals of
-two sizes are not comparable either (different token counts). The alternative, one cache per size, would reuse a
-residual from steps ago, computed at another noise level; DDiT's schedules switch a few times per generation,
-so the recompute costs only those few steps (``ddit-bench`` reports how many).
+At a patch-size switch there are two policies (``switch``):
+
+- ``recompute`` (the default): the switch forces a full step. A cached residual lives on one size's token grid,
+  and the signals of two sizes are not comparable either (different token counts).
+- ``per-size``: every size keeps its own residual (the runtime already has one buffer per size), its own last
+  signal and its own sum. Returning to size k after g steps at other sizes compares k's signal now with k's signal
+  g steps ago, and adds g times the rescaled mean per-step change (``g * rescale(l1 / g)``: the polynomial was
+  fitted on consecutive steps). A size never computed yet runs in full.
+
+``ddit-bench`` measures both (how many steps ran, how many were forced by a switch, how many reused a residual
+across one).
 All math stays on the signal's device; ``TeaCache.should_compute`` does one host read.
 
 Wan (TeaCache4Wan2.1): the signal is the timestep embedding, and the conditional and unconditional passes of
@@ -42,44 +49,60 @@ def rescale(x: torch.Tensor, coefficients: Sequence[float]) -> torch.Tensor:
     return out
 
 
-class TeaCache:
-    """The skip decision of one generation. ``threshold`` 0 computes every step (TeaCache off)."""
+SWITCH_POLICIES = ("recompute", "per-size")
 
-    def __init__(self, threshold: float, coefficients: Sequence[float], steps: int):
+
+class TeaCache:
+    """The skip decision of one generation. ``threshold`` 0 computes every step (TeaCache off). ``switch``: what a
+    patch-size switch does (see the module docstring): ``recompute`` or ``per-size``."""
+
+    def __init__(self, threshold: float, coefficients: Sequence[float], steps: int, switch: str = "recompute"):
         if threshold < 0:
             raise DDiTError(f"--teacache is a threshold >= 0 (e.g. 0.25, 0.4, 0.6), got {threshold}")
+        if switch not in SWITCH_POLICIES:
+            raise DDiTError(f"--teacache-switch must be one of {', '.join(SWITCH_POLICIES)}, got '{switch}'")
         self.threshold, self.coefficients, self.steps = float(threshold), tuple(coefficients), steps
+        self.per_size = switch == "per-size"
         self.reset()
 
     def reset(self) -> None:
-        self.previous: torch.Tensor | None = None
+        self.previous: dict[int, torch.Tensor] = {}  # size -> its signal the last time it ran (blocks or not)
+        self.seen: dict[int, int] = {}  # size -> that step
+        self.accumulated: dict[int, torch.Tensor] = {}  # size -> rescaled change since its residual was computed
         self.previous_factor: int | None = None
-        self.accumulated: torch.Tensor | None = None
         self.forced_by_switch = 0
+        self.reused_across_switch = 0
 
     def should_compute(self, signal: torch.Tensor, step: int, factor: int) -> bool:
         """Whether step ``step`` (0-based) at patch factor ``factor`` must run the blocks, given its ``signal``."""
         switched = self.previous_factor is not None and factor != self.previous_factor
-        if self.previous is None or switched or step == 0 or step == self.steps - 1 or self.threshold == 0:
+        previous = self.previous.get(factor)
+        cached = previous is not None and previous.shape == signal.shape and (self.per_size or not switched)
+        interior = 0 < step < self.steps - 1
+        if not cached or not interior or self.threshold == 0:
             compute = True
-            self.forced_by_switch += int(switched and 0 < step < self.steps - 1)
-            self.accumulated = torch.zeros((), device=signal.device)
+            self.forced_by_switch += int(switched and interior)
+            self.accumulated[factor] = torch.zeros((), device=signal.device)
         else:
-            self.accumulated += rescale(relative_l1(signal, self.previous), self.coefficients)
-            compute = bool(self.accumulated >= self.threshold)  # the one host read
+            gap = step - self.seen[factor]  # 1 unless the steps since were run at other sizes
+            accumulated = self.accumulated[factor]
+            accumulated += gap * rescale(relative_l1(signal, previous) / gap, self.coefficients)
+            compute = bool(accumulated >= self.threshold)  # the one host read
             if compute:
-                self.accumulated.zero_()
-        if self.previous is not None and self.previous.shape == signal.shape:
-            self.previous.copy_(signal)
+                accumulated.zero_()
+            self.reused_across_switch += int(switched and not compute)
+        if previous is not None and previous.shape == signal.shape:
+            previous.copy_(signal)
         else:
-            self.previous = signal.detach().clone()
+            self.previous[factor] = signal.detach().clone()
+        self.seen[factor] = step
         self.previous_factor = factor
         return compute
 
     def refresh(self) -> None:
         """The blocks ran although this cache would have skipped them: the residual is fresh, restart the sum."""
-        if self.accumulated is not None:
-            self.accumulated.zero_()
+        if self.previous_factor in self.accumulated:
+            self.accumulated[self.previous_factor].zero_()
 
 
 def any_compute(caches: Sequence[TeaCache], signal: torch.Tensor, step: int, factor: int) -> bool:

@@ -107,10 +107,12 @@ class WanRuntime:
         cfg: str = "batched",
         teacache: float | None = None,
         progress: bool = True,
+        teacache_switch: str = "recompute",
     ) -> Generation:
         """Run the whole pipeline. ``schedule`` fixes the factor per step; None lets the DDiT scheduler choose.
         ``teacache`` (a threshold such as 0.05 / 0.065 / 0.08) also skips the blocks on steps TeaCache deems cheap,
-        with one accumulator per classifier-free-guidance pass."""
+        with one accumulator per classifier-free-guidance pass; ``teacache_switch`` (``recompute`` or ``per-size``)
+        is what a patch-size switch does to it (see ``teacache``)."""
         spec, d = self.spec, self.spec.scheduler
         frames = spec.opt_frames if frames is None else frames
         height = spec.opt_size[0] if height is None else height
@@ -131,7 +133,8 @@ class WanRuntime:
             raise DDiTError(f"the schedule has {len(schedule)} entries for {steps} steps: give one per step")
         caches = None
         if teacache is not None:  # one accumulator per pass: conditional, and unconditional when guided
-            caches = [TeaCache(teacache, spec.teacache.coefficients, steps) for _ in range(2 if scale > 1.0 else 1)]
+            passes = 2 if scale > 1.0 else 1
+            caches = [TeaCache(teacache, spec.teacache.coefficients, steps, teacache_switch) for _ in range(passes)]
             for k in self.sizes if schedule is None else sorted(set(schedule)):
                 self._probe(k)  # fail before any work when the folder has no probes
         started = time.perf_counter()
@@ -158,7 +161,9 @@ class WanRuntime:
             teacache=teacache,
         )
         if caches is not None:  # every pass sees the same schedule: count the steps once
+            settings["teacache_switch"] = teacache_switch
             settings["teacache_forced_by_switch"] = caches[0].forced_by_switch
+            settings["teacache_reused_across_switch"] = caches[0].reused_across_switch
         return Generation(video, used, step_ms, time.perf_counter() - started, settings, computed)
 
     def _residuals(self, passes: int, frames: int, height: int, width: int) -> dict[int, torch.Tensor]:

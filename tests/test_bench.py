@@ -57,6 +57,9 @@ def test_methods_do_what_they_say(report):
     both = by["DDiT+TeaCache 1e+09"]
     assert all(c == [True, False, False, True, False, True] for c in both["computed"])  # the switch recomputes
     assert both["forced_by_switch"] == 1
+    per_size = by["DDiT+TeaCache 1e+09 per-size"]  # the 4p size has no residual yet: its first step runs too
+    assert all(c == [True, False, False, True, False, True] for c in per_size["computed"])
+    assert per_size["forced_by_switch"] == 1 and per_size["reused_across_switch"] == 0
     assert by["fixed 4p"]["ssim"] < 1.0  # a different schedule gives a different image
     for m in report["methods"]:
         assert 0.0 <= m["score"] <= 1.0  # built-in prompts are scored by the evaluator
@@ -82,7 +85,7 @@ def test_cli_writes_json_and_plot(tiny_engines, tmp_path):
     result = CliRunner().invoke(bench_main, [*args, "--json", str(out), "--plot", str(png), "--quiet"])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    assert data["steps"] == 4 and len(data["methods"]) == 7
+    assert data["steps"] == 4 and len(data["methods"]) == 8
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| method | speedup |" in result.output
 

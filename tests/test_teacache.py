@@ -61,6 +61,32 @@ def test_first_last_and_switch_steps_always_compute():
     assert all(_decisions(cache, constant, [1] * 6))
 
 
+def test_per_size_keeps_each_sizes_residual_across_a_switch():
+    signals = [torch.ones(4) if k == 1 else torch.ones(2) for k in (1, 1, 2, 2, 1, 1, 2, 1)]
+    factors = [1, 1, 2, 2, 1, 1, 2, 1]
+    recompute = TeaCache(1e9, (1.0, 0.0), steps=8)
+    assert _decisions(recompute, signals, factors) == [True, False, True, False, True, False, True, True]
+    assert (recompute.forced_by_switch, recompute.reused_across_switch) == (3, 0)
+    per_size = TeaCache(1e9, (1.0, 0.0), steps=8, switch="per-size")
+    # step 2: size 2 has no residual yet, so it runs; steps 4 and 6 reuse the residual their size left behind
+    assert _decisions(per_size, signals, factors) == [True, False, True, False, False, False, False, True]
+    assert (per_size.forced_by_switch, per_size.reused_across_switch) == (1, 2)
+
+
+@pytest.mark.parametrize(("threshold", "runs"), [(0.15, False), (0.1, True)])
+def test_per_size_counts_a_gap_as_that_many_steps_of_the_mean_change(threshold, runs):
+    # rescale(x) = x^2: a change of 0.6 over a gap of 3 steps adds 3 * (0.6 / 3)^2 = 0.12, not 0.6^2 = 0.36
+    signals = [torch.ones(4), torch.ones(2), torch.ones(2), torch.full((4,), 1.6)]
+    cache = TeaCache(threshold, (1.0, 0.0, 0.0), steps=5, switch="per-size")
+    assert _decisions(cache, signals, [1, 2, 2, 1]) == [True, True, False, runs]
+    assert cache.accumulated[1].item() == pytest.approx(0.0 if runs else 0.12, abs=1e-6)
+
+
+def test_unknown_switch_policy_is_refused():
+    with pytest.raises(DDiTError, match="recompute, per-size"):
+        TeaCache(0.4, (1.0,), steps=4, switch="keep")
+
+
 def test_negative_threshold_is_refused():
     with pytest.raises(DDiTError, match="threshold >= 0"):
         TeaCache(-0.1, (1.0,), steps=4)
@@ -129,6 +155,16 @@ def test_huge_threshold_computes_first_last_and_switches_only(runtime, monkeypat
     assert result.image.float().std() > 0
 
 
+def test_per_size_policy_reuses_the_native_residual_after_a_coarse_step(runtime):
+    schedule = [1, 1, 1, 4, 4, 1, 1, 1]
+    result = runtime.generate(
+        PROMPT, steps=STEPS, seed=2, schedule=schedule, teacache=1e9, teacache_switch="per-size", progress=False
+    )
+    assert result.computed == [True, False, False, True, False, False, False, True]
+    assert result.settings["teacache_forced_by_switch"] == 1 and result.settings["teacache_reused_across_switch"] == 1
+    assert result.settings["teacache_switch"] == "per-size" and result.image.float().std() > 0
+
+
 def test_folder_without_probes_is_refused_with_a_clear_message(tiny_engines, tmp_path):
     import shutil
 
@@ -148,8 +184,9 @@ def test_folder_without_probes_is_refused_with_a_clear_message(tiny_engines, tmp
 def test_cli_teacache_reports_computed_steps(tiny_engines, tmp_path):
     out = tmp_path / "t.png"
     args = [str(tiny_engines), "--prompt", PROMPT, "--steps", "8", "--teacache", "100", "--json", "-o", str(out)]
-    result = CliRunner().invoke(run_main, args)
+    result = CliRunner().invoke(run_main, [*args, "--teacache-switch", "per-size"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["teacache"] == 100.0 and report["computed"][0] and report["computed"][-1]
+    assert report["teacache_switch"] == "per-size" and "teacache_reused_across_switch" in report
     assert sum(report["computed"]) < 8 and out.is_file()

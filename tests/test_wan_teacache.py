@@ -49,8 +49,8 @@ def test_batched_passes_compute_when_either_needs_it_and_both_restart():
     caches = [TeaCache(0.25, IDENTITY, STEPS), TeaCache(0.25, IDENTITY, STEPS)]
     got = [any_compute(caches, _pair(i), i, 1) for i in range(5)]
     assert got == [True, False, False, True, False]  # step 3: cond needs it, uncond would have skipped
-    assert caches[0].accumulated.item() == pytest.approx(0.1 / 1.3, rel=1e-5)
-    assert caches[1].accumulated.item() == pytest.approx(0.06 / 1.18, rel=1e-5)  # restarted at step 3, not 0.221
+    assert caches[0].accumulated[1].item() == pytest.approx(0.1 / 1.3, rel=1e-5)
+    assert caches[1].accumulated[1].item() == pytest.approx(0.06 / 1.18, rel=1e-5)  # restarted at step 3, not 0.221
 
 
 # ---- the exported probes -------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def test_one_accumulator_per_guidance_pass(runtime, monkeypatch, scale, passes):
     monkeypatch.setattr(wan_pipeline, "TeaCache", Spy)
     _generate(runtime, schedule=[1] * STEPS, cfg="two-pass", guidance_scale=scale, teacache=1e9)
     assert len(made) == passes
-    assert all(tuple(c.previous.shape) == (1, runtime.spec.inner_dim) for c in made)  # each its own pass's row
+    assert all(tuple(c.previous[1].shape) == (1, runtime.spec.inner_dim) for c in made)  # each its own pass's row
 
 
 def test_folder_without_probes_is_refused_with_a_clear_message(wan_engines, tmp_path):
@@ -202,3 +202,11 @@ def test_bench_offers_teacache_methods_for_wan(runtime):
     bench.run_method(methods["native"])
     tea = bench.run_method(methods["TeaCache 1e+09"])
     assert tea.runs[0]["computed"] == [True, False, False, True] and tea.runs[0]["ssim"] < 1.0
+
+
+@pytest.mark.parametrize("cfg", ["batched", "two-pass"])
+def test_per_size_switch_policy_reuses_a_sizes_residual(runtime, cfg):
+    result = _generate(runtime, schedule=[1, 1, 2, 2, 1, 1], cfg=cfg, teacache=1e9, teacache_switch="per-size")
+    assert result.computed == [True, False, True, False, False, True]  # step 4: back to 1p's residual
+    assert result.settings["teacache_forced_by_switch"] == 1
+    assert result.settings["teacache_reused_across_switch"] == 1
