@@ -196,7 +196,8 @@ def _backend_options(fn):
     type=float,
     default=None,
     help="Also skip the transformer blocks on steps where TeaCache's rescaled signal change, accumulated, stays "
-    "under this threshold (faster as it grows; FLUX 0.25 / 0.4 / 0.6, Wan 0.05 / 0.065 / 0.08, one accumulator "
+    "under this threshold (faster as it grows; FLUX 0.25 / 0.4 / 0.6, Wan 0.05 / 0.065 / 0.08, the tiny Wan at its "
+    "20 steps 0.15 / 0.25 / 0.4; one accumulator "
     "per guidance pass). Composes with the patch schedule.",
 )
 @click.option(
@@ -511,7 +512,8 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
 @click.option(
     "--teacache-thresholds",
     default=None,
-    help="TeaCache thresholds, comma-separated (default: the profile's presets, 0.25,0.4,0.6). FLUX only.",
+    help="TeaCache thresholds, comma-separated (default: the profile's presets: FLUX 0.25,0.4,0.6; Wan "
+    "0.05,0.065,0.08; the tiny Wan 0.15,0.25,0.4).",
 )
 @_backend_options
 @click.option("--json", "json_out", default=None, help="Write the full report (every run) as JSON here.")

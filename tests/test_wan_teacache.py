@@ -195,7 +195,7 @@ def test_cli_teacache_writes_the_video_and_reports_computed_steps(wan_engines, t
 def test_bench_offers_teacache_methods_for_wan(runtime):
     bench = Bench(runtime, builtin_prompts("wan", 1), seeds=1, steps=4, progress=False)
     thresholds = list(runtime.spec.teacache.presets)
-    assert thresholds == [0.05, 0.065, 0.08]
+    assert thresholds == [0.15, 0.25, 0.4]  # wan-tiny: measured at its 20 steps (the 1.3B fit: 0.05-0.08)
     methods = {m.name: m for m in bench.methods([1e9], [1e9])}
     assert methods["TeaCache 1e+09"].options == dict(schedule=[1] * 4, teacache=1e9)
     assert methods["DDiT+TeaCache 1e+09"].options == dict(tau=1e9, teacache=1e9)
