@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
-import time
 
 import torch
 
+from ddit_export.bench import scheduler_step_ms
 from ddit_runtime.scheduler import PatchScheduler
 
 SHAPES = {  # name -> latent [B, C, (F,) H, W]
@@ -30,16 +30,6 @@ def _load(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.PatchScheduler
-
-
-def _step_ms(scheduler, latent: torch.Tensor, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        scheduler.observe(latent)
-        scheduler.next_factor()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -63,7 +53,7 @@ def main(argv=None) -> None:
         ms = {k: [] for k in kinds}
         for _ in range(5):  # interleaved rounds: machine noise hits every kind alike
             for k, s in made.items():
-                ms[k].append(_step_ms(s, latent, args.reps // 5))
+                ms[k].append(scheduler_step_ms(s, latent, args.reps // 5))
         row = f"| {name} | {list(shape)} | " + " | ".join(f"{statistics.median(v):.3f}" for v in ms.values())
         if args.reference:
             agree = 0

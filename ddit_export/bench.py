@@ -99,6 +99,17 @@ def _psnr_mean(xs) -> float:
     return statistics.fmean(finite) if finite else float("inf")
 
 
+def scheduler_step_ms(scheduler, latent: torch.Tensor, reps: int) -> float:
+    """Median ms of one scheduler update (``observe`` + ``next_factor``) on ``latent``, over ``reps`` updates."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        scheduler.observe(latent)
+        scheduler.next_factor()
+        times.append((time.perf_counter() - t0) * 1000)
+    return _median(times)
+
+
 @dataclass
 class Method:
     name: str
@@ -205,13 +216,7 @@ class Bench:
         latent = torch.randn(shape, device=dev)
         for _ in range(4):
             sched.observe(latent)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            sched.observe(latent)
-            sched.next_factor()
-            times.append((time.perf_counter() - t0) * 1000)
-        return _median(times)
+        return scheduler_step_ms(sched, latent, reps)
 
     def bare_engine_ms(self, reps: int = 10) -> dict[int, float]:
         """Median ms of one bare engine call per size (IOBinding on preallocated buffers, nothing else)."""
