@@ -5,6 +5,7 @@ Bad input ends in one line on stderr and exit status 2; the runtime command neve
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -456,9 +457,16 @@ def train_main(family, model, profile_name, sizes, output, eval_only, force, qui
 @click.option("--smoke", is_flag=True, help="A few steps per stage (about two minutes): checks the recipe runs.")
 @click.option("--install", is_flag=True, help="Copy the result into the package: what --model tiny then loads.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--fast",
+    is_flag=True,
+    help="flux: train the transformer under bfloat16 autocast with torch.compile (0.22 s a step instead of 0.34 on "
+    "a CPU with AMX; needs g++ or clang++, else it trains eagerly). Not bit-identical to the shipped model, which "
+    "was trained without it.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_one_line_errors
-def recipe_main(family, output, smoke, install, seed, quiet):
+def recipe_main(family, output, smoke, install, seed, fast, quiet):
     """Rebuild the embedded tiny FAMILY model (flux or wan) from nothing, with fixed seeds (2 cores: flux about 76 min, wan about 82).
 
     Stages: tokenizers, frozen text encoders, VAE, latents, transformer (flow matching), DDiT adapters. A stage
@@ -476,8 +484,13 @@ def recipe_main(family, output, smoke, install, seed, quiet):
         from ddit_export.recipe import FluxRecipe as Recipe
         from ddit_export.recipe import RecipeSteps as Steps
 
+    steps = Steps.smoke() if smoke else Steps()
+    if fast:
+        if spec.family != "flux":
+            raise DDiTError(f"--fast is measured on the flux recipe only, not {spec.family}: drop --fast")
+        steps = dataclasses.replace(steps, transformer_bf16=True, transformer_compile=True)
     output = Path(output or f"build/tiny-{spec.family}")
-    recipe = Recipe(spec, output, Steps.smoke() if smoke else Steps(), seed, progress=not quiet)
+    recipe = Recipe(spec, output, steps, seed, progress=not quiet)
     recipe.run()
     if install:
         click.echo(f"installed into {recipe.install()}", err=True)

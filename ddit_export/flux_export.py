@@ -74,7 +74,11 @@ def _parity_sizes(spec: FluxSpec) -> list[tuple[int, int, int]]:
     return [(1, h0, w0), (2, h0, min(2 * w0, w1))]
 
 
-def _export_transformer(parts, spec, adapters, factor, folder: Path, precision: str = "fp32") -> dict:
+def _export_transformer(
+    parts, spec, adapters, factor, folder: Path, precision: str = "fp32", merge_lora: bool = True
+) -> dict:
+    """Export and check size ``factor``'s engine (and TeaCache probe). ``merge_lora=False`` keeps the LoRA as a
+    separate branch, so every size's graph holds the base weights unchanged (``benchmarks/weight_sharing.py``)."""
     transformer = parts["transformer"]
     gen = torch.Generator().manual_seed(factor)
     patch = spec.patch_pixels(factor)
@@ -89,7 +93,7 @@ def _export_transformer(parts, spec, adapters, factor, folder: Path, precision: 
         "pooled_projections": {0: batch},
     }
     path = folder / f"transformer_k{factor}.onnx"
-    with size_variant(transformer, adapters, factor) as adapter:
+    with size_variant(transformer, adapters, factor, merge_lora=merge_lora) as adapter:
         engine = FluxEngine(transformer, spec, factor, adapter, residual=True).eval()
         example = _transformer_inputs(spec, 2, *spec.opt_size, gen)
         feeds = [_transformer_inputs(spec, b, h, w, gen) for b, h, w in _parity_sizes(spec)]

@@ -366,3 +366,14 @@ def test_help(command, options):
         assert result.exit_code == 0, result.output
         for option in options:
             assert option in result.stdout, option
+
+
+# ---- ddit-recipe ------------------------------------------------------------------------------------------------
+
+
+def test_recipe_fast_is_refused_for_wan_before_anything_is_written(tmp_path):
+    from ddit_cli import recipe_main
+
+    out = tmp_path / "wan"
+    _one_line_error(_invoke(recipe_main, ["wan", "--fast", "--smoke", "-o", out]), "--fast", "flux")
+    assert not out.exists()

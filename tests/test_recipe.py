@@ -1,5 +1,6 @@
 """The embedded-model recipe (smoke version, as CI runs it) and the tiny FLUX shipped in the package."""
 
+import dataclasses
 import json
 import platform
 import resource
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from ddit_export.adapters import load_adapters
 from ddit_export.cpu_memory import keep_freed_memory
 from ddit_export.loading import load_flux
-from ddit_export.recipe import Recipe, RecipeSteps
+from ddit_export.recipe import Recipe, RecipeSteps, cpu_has_bf16
 from ddit_export.tiny import PACKAGE_MODELS, build_tiny_flux, shipped_adapters, shipped_model
 
 
@@ -35,8 +36,10 @@ def test_smoke_recipe_builds_a_loadable_model_and_resumes(tmp_path, tiny_spec, c
 
 def test_smoke_recipe_installs_atomically(tmp_path, tiny_spec):
     out = tmp_path / "recipe"
-    recipe = Recipe(tiny_spec, out, RecipeSteps.smoke(), seed=1, progress=False)
-    recipe.run()
+    steps = dataclasses.replace(RecipeSteps.smoke(), transformer_bf16=True)  # what --fast asks for, less compile
+    recipe = Recipe(tiny_spec, out, steps, seed=1, progress=False)
+    summary = recipe.run()
+    assert summary["transformer_training"] == dict(bf16_autocast=cpu_has_bf16(), compiled=False)
     target = recipe.install(tmp_path / "pkg" / "flux")
     assert (target / "model_index.json").is_file() and (target / "adapters.safetensors").is_file()
     assert not any(p.name.startswith(".") for p in target.parent.iterdir())
