@@ -92,11 +92,10 @@ def export(profile: str, rank: int, work: Path) -> dict:
 # ---- shared initializers ---------------------------------------------------------------------------------------
 
 
-def external_initializers(path: Path) -> dict[str, tuple[str, int, int]]:
-    """name -> (data file, offset, length) of each initializer ``path`` stores outside the graph."""
+def external_initializers(model) -> dict[str, tuple[str, int, int]]:
+    """name -> (data file, offset, length) of each initializer the ONNX ``model`` stores outside the graph."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
     out = {}
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
@@ -112,14 +111,13 @@ def shared_plan(folder: Path) -> dict:
 
     graphs, where, seen = {}, {}, {}
     for k in SIZES:
-        path = folder / f"transformer_k{k}.onnx"
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(folder / f"transformer_k{k}.onnx"), load_external_data=False)
         meta = {
             t.name: (onnx.helper.tensor_dtype_to_np_dtype(t.data_type).str, list(t.dims))
             for t in model.graph.initializer
         }
         graphs[k] = {}
-        for name, (file, offset, length) in external_initializers(path).items():
+        for name, (file, offset, length) in external_initializers(model).items():
             with open(folder / file, "rb") as f:
                 f.seek(offset)
                 digest = hashlib.sha256(f.read(length)).hexdigest()
