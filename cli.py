@@ -89,7 +89,10 @@ def _parse_sizes(text: str) -> list[int]:
     show_default=True,
     help="Type of the transformer graphs (and TeaCache probes): their weights and arithmetic, with float32 "
     "inputs and outputs, so a strongly typed TensorRT build runs them so. fp16 is checked against float32 torch "
-    "here; bf16 has no ONNX Runtime CPU kernels, so its check is left to a GPU. Text encoders and VAE stay fp32.",
+    "here; bf16 has no ONNX Runtime CPU kernels, so its check is left to a GPU. fp8 (FLUX): FP8 E4M3 weights and "
+    "activations on the blocks' Linear layers as Q/DQ in the graph, scales calibrated on the model's own "
+    "trajectory, fp16 elsewhere; checked here, runs as FP8 under TensorRT on compute capability 8.9+ (probes "
+    "fp16). Text encoders and VAE stay fp32.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_one_line_errors
@@ -108,12 +111,15 @@ def export_main(family, sizes, model, profile_name, adapters, output, force, trt
     if spec.family != family:
         raise DDiTError(f"profile '{spec.name}' is for family '{spec.family}', not '{family}'")
     factors = spec.check_factors(_parse_sizes(sizes))
+    if precision == "fp8" and spec.family != "flux":
+        raise DDiTError("--precision fp8 is written for FLUX only: export Wan with --precision fp16 or bf16")
     if opt_level is not None and not trt:
         raise DDiTError("--opt-level applies to the TensorRT build: add --trt, or leave it out")
     if trt:
-        from ddit_export.trt_build import detect_target
+        from ddit_export.trt_build import check_fp8_target, detect_target
 
-        detect_target()  # one line, before any export work, when TensorRT or a GPU is missing
+        # one line, before any export work, when TensorRT or a GPU is missing, or the GPU cannot run fp8
+        check_fp8_target({"precision": precision}, detect_target())
     if family == "wan":  # heavy imports only once the arguments are sound
         from ddit_export.wan_export import export_wan as export
     else:

@@ -4,6 +4,7 @@ and a manifest, written into a staging folder that is renamed into place only wh
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -74,11 +75,45 @@ def _parity_sizes(spec: FluxSpec) -> list[tuple[int, int, int]]:
     return [(1, h0, w0), (2, h0, min(2 * w0, w1))]
 
 
+@torch.no_grad()
+def calibration_inputs(parts, spec: FluxSpec, progress: bool = False) -> list[tuple]:
+    """The engine inputs ``--precision fp8`` calibrates on: the native model's own flow-matching Euler trajectory
+    at the profile's ``opt_size`` for its ``calibration_prompts`` (one batch, one seeded noise each), at each of
+    ``calibration_steps`` steps -> a list of (latent [P, 16, h, w], timestep [P], guidance [P], T5 [P, T, D],
+    pooled [P, Dp]). Every size's engine is calibrated on these same full-resolution latents."""
+    from tqdm.auto import tqdm
+
+    from ddit_runtime.sigmas import flux_sigmas
+
+    from .train_data import encode_prompts
+
+    prompts = list(spec.calibration_prompts)
+    t5, pooled = encode_prompts(parts, spec, prompts, "cpu")
+    height, width = spec.opt_size
+    lh, lw = spec.latent_hw(height, width)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(len(prompts), spec.latent_channels, lh, lw, generator=gen)
+    guidance = torch.full((len(prompts),), spec.scheduler.guidance)
+    sigmas = flux_sigmas(spec.calibration_steps, spec.shift.mu(spec.image_seq_len(height, width))).tolist()
+    out = []
+    with size_variant(parts["transformer"], None, 1):
+        engine = FluxEngine(parts["transformer"], spec, 1).eval()
+        for s, s_next in tqdm(
+            list(zip(sigmas[:-1], sigmas[1:], strict=True)), desc="fp8 calibration", unit="step", disable=not progress
+        ):
+            args = (z, torch.full((len(prompts),), s), guidance, t5, pooled)
+            out.append(args)
+            z = z + (s_next - s) * engine(*args)[0]
+    return out
+
+
 def _export_transformer(
-    parts, spec, adapters, factor, folder: Path, precision: str = "fp32", merge_lora: bool = True
+    parts, spec, adapters, factor, folder: Path, precision: str = "fp32", merge_lora: bool = True, calibration=None
 ) -> dict:
     """Export and check size ``factor``'s engine (and TeaCache probe). ``merge_lora=False`` keeps the LoRA as a
-    separate branch, so every size's graph holds the base weights unchanged (``benchmarks/weight_sharing.py``)."""
+    separate branch, so every size's graph holds the base weights unchanged (``benchmarks/weight_sharing.py``).
+    fp8 needs ``calibration`` (``calibration_inputs``): each size's engine sets its own activation scales on it.
+    Its TeaCache probe is fp16: it holds no block Linear layer."""
     transformer = parts["transformer"]
     gen = torch.Generator().manual_seed(factor)
     patch = spec.patch_pixels(factor)
@@ -98,11 +133,19 @@ def _export_transformer(
         example = _transformer_inputs(spec, 2, *spec.opt_size, gen)
         feeds = [_transformer_inputs(spec, b, h, w, gen) for b, h, w in _parity_sizes(spec)]
         io = (spec.transformer_inputs, spec.transformer_outputs, dynamic)
+        amax = None
+        if precision == "fp8":
+            from .fp8 import calibrate
+
+            amax = calibrate(engine, calibration or calibration_inputs(parts, spec), spec.fp8_scope)
         entry = export_checked(
-            engine, example, io, path, spec, f"transformer k={factor}", feeds, precision, KEEP_FLOAT32
+            engine, example, io, path, spec, f"transformer k={factor}", feeds, precision, KEEP_FLOAT32, amax
         )
+        if precision == "fp8":
+            entry["fp8"]["calibration"] = dict(prompts=len(spec.calibration_prompts), steps=spec.calibration_steps)
+        probe_precision = "fp16" if precision == "fp8" else precision
         entry["teacache"] = _export_teacache_probe(
-            transformer, spec, factor, adapter, engine, (dynamic, rows, cols), folder, gen, precision
+            transformer, spec, factor, adapter, engine, (dynamic, rows, cols), folder, gen, probe_precision
         )
     return entry
 
@@ -215,11 +258,16 @@ def export_flux(
     spec = with_vae_normalisation(spec, parts["vae"])  # the manifest records the checkpoint's own
     transformer = parts["transformer"]
     adapters, adapters_file, trained = resolve_adapters(model, adapters_path, transformer, spec, factors)
+    calibration = None
+    if precision == "fp8":
+        calibration = calibration_inputs(parts, spec, progress)
+        if spec.fp8_tau is not None:  # the manifest's scheduler defaults are the fp8 engines' own
+            spec = dataclasses.replace(spec, scheduler=dataclasses.replace(spec.scheduler, tau=spec.fp8_tau))
     with staging_folder(out_dir, force) as folder:
         components = export_graphs(
             folder,
             factors,
-            lambda k, dst: _export_transformer(parts, spec, adapters, k, dst, precision),
+            lambda k, dst: _export_transformer(parts, spec, adapters, k, dst, precision, calibration=calibration),
             lambda dst: _export_text(parts, spec, dst),
             lambda dst: _export_vae(parts, spec, dst),
             progress,

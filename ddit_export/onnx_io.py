@@ -49,7 +49,7 @@ def export_onnx(
     return sorted(p for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + "."))
 
 
-#: torch dtype of each ``--precision`` (profiles.PRECISIONS).
+#: torch dtype of each ``--precision`` but fp8 (profiles.PRECISIONS), which is an fp16 graph rewritten by ``fp8``.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -78,29 +78,43 @@ class TypedGraph(torch.nn.Module):
         return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
 
-def export_checked(module, example, io: tuple, path: Path, spec, label: str, feeds, precision, keep=()) -> dict:
+def export_checked(
+    module, example, io: tuple, path: Path, spec, label: str, feeds, precision, keep=(), amax=None
+) -> dict:
     """Export ``module`` (a float32 transformer engine or probe) typed in ``precision``, check it, and return its
-    manifest entry: ``onnx``, ``files``, ``precision``, ``max_abs_error``, ``parity``.
+    manifest entry: ``onnx``, ``files``, ``precision``, ``max_abs_error``, ``parity`` (and ``fp8`` for fp8).
 
-    ``io`` is (input names, output names, dynamic shapes by input name). fp32 and fp16 graphs are run by ONNX
+    ``io`` is (input names, output names, dynamic shapes by input name). fp32, fp16 and fp8 graphs are run by ONNX
     Runtime on ``feeds`` against the float32 torch ``module``, within the profile's ``transformer_tolerance``
-    (fp32) or ``fp16_tolerance``. ONNX Runtime's CPU provider has no bfloat16 kernels, so a bf16 graph's check is
-    left to a GPU (``max_abs_error`` None; ``parity`` says so).
+    (fp32), ``fp16_tolerance`` or ``fp8_tolerance``. ONNX Runtime's CPU provider has no bfloat16 kernels, so a
+    bf16 graph's check is left to a GPU (``max_abs_error`` None; ``parity`` says so). fp8 is an fp16 graph whose
+    in-scope Linear layers ``fp8.quantize_graph`` then rewrites, with ``amax`` (``fp8.calibrate``'s activation
+    ranges by module path).
     """
     names, outputs, dynamic = io
-    if precision == "fp32":
+    body = "fp16" if precision == "fp8" else precision
+    if body == "fp32":
         graph = module
     else:  # TypedGraph.forward takes *args: torch.export then wants the dynamic shapes by position
-        graph, dynamic = TypedGraph(module, precision, keep).eval(), (tuple(dynamic.get(n) for n in names),)
+        graph, dynamic = TypedGraph(module, body, keep).eval(), (tuple(dynamic.get(n) for n in names),)
     files = export_onnx(graph, example, names, outputs, dynamic, path, spec.opset)
     del graph
+    extra = {}
+    if precision == "fp8":
+        from .fp8 import quantize_graph
+
+        extra["fp8"] = quantize_graph(path, amax or {}, EXTERNAL_DATA_BYTES)
+        files = sorted(p for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + "."))
     if precision == "bf16":
         err, parity = None, "not run: ONNX Runtime's CPU provider has no bfloat16 kernels (check on a GPU)"
     else:
-        bound = spec.fp16_tolerance if precision == "fp16" else spec.transformer_tolerance
+        bound = spec.transformer_tolerance
+        if precision in ("fp16", "fp8"):  # WanSpec has no fp8 fields: read only what the precision needs
+            bound = getattr(spec, f"{precision}_tolerance")
         err = check_parity(path, module, feeds, names, bound, label)
         parity = f"ONNX Runtime CPU against float32 torch, {len(feeds)} input shapes"
-    return dict(onnx=path.name, files=[f.name for f in files], precision=precision, max_abs_error=err, parity=parity)
+    entry = dict(onnx=path.name, files=[f.name for f in files], precision=precision, max_abs_error=err, parity=parity)
+    return entry | extra
 
 
 def double_tensors(path: Path) -> list[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ddit_profiles import DDiTError, spec_from_dict
+from ddit_profiles import FP8_MIN_CC, DDiTError, spec_from_dict
 from ddit_runtime.backends import compute_capability, graphs
 from ddit_runtime.engine import import_tensorrt
 from ddit_runtime.manifest import MANIFEST, load_manifest, sha256_file
@@ -176,8 +176,20 @@ def build_plan_polygraphy(
 def _precision(data: dict, key: str) -> str:
     """The type graph ``key`` was exported in: the manifest's ``precision`` for the transformers and their TeaCache
     probes (``ddit-export --precision``), float32 for the encoders and the VAE."""
-    typed = key.startswith(("transformer_k", "teacache_k"))
-    return data.get("precision", "fp32") if typed else "fp32"
+    precision = data.get("precision", "fp32") if key.startswith(("transformer_k", "teacache_k")) else "fp32"
+    return "fp16" if precision == "fp8" and key.startswith("teacache_k") else precision  # fp8's probes are fp16
+
+
+def check_fp8_target(data: dict, target: TrtTarget) -> None:
+    """One-line error when the folder's transformers are fp8 and the GPU has no FP8 tensor cores (before 8.9)."""
+    if data.get("precision") != "fp8":
+        return
+    major, minor = FP8_MIN_CC
+    if int(target.cc.removeprefix("sm")) < major * 10 + minor:
+        raise DDiTError(
+            f"these engines are fp8, and {target.gpu} ({target.cc}) has no FP8 tensor cores (compute capability "
+            f"{major}.{minor}+: Ada, Hopper, Blackwell): re-export with --precision fp16 or bf16 for this GPU"
+        )
 
 
 def _settings(profile: dict, opt_level: int | None, precision: str) -> dict:
@@ -245,6 +257,7 @@ def build_engines(
     folder, data = manifest.folder, manifest.data
     sizes = manifest.sizes if sizes is None else tuple(sorted(set(sizes)))  # graphs() refuses sizes not exported
     target = target or detect_target()
+    check_fp8_target(data, target)
     cache = Path(timing_cache) if timing_cache else folder / TIMING_CACHE
     old = data.get("tensorrt")
     keep = old if old and (old.get("version"), old.get("compute_capability")) == (target.version, target.cc) else {}

@@ -16,7 +16,10 @@ from .errors import DDiTError
 #: Precisions a transformer graph can be typed in (``ddit-export --precision``). The graph's inputs and outputs stay
 #: float32 (every engine keeps one I/O contract); its weights and arithmetic are in this type, so a strongly typed
 #: TensorRT build runs it so, with no builder precision flags.
-PRECISIONS = ("fp32", "fp16", "bf16")
+#: fp8: FP8 E4M3 weights and activations on the blocks' Linear layers (``fp8_scope``), fp16 elsewhere
+#: (``ddit_export/fp8.py``); TensorRT runs it on GPUs of compute capability 8.9 and newer (``FP8_MIN_CC``).
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+FP8_MIN_CC = (8, 9)
 
 #: Names of the transformer engine's inputs and outputs: one contract for every patch factor.
 FLUX_TRANSFORMER_INPUTS = ("latent", "timestep", "guidance", "encoder_hidden_states", "pooled_projections")
@@ -147,6 +150,24 @@ class FluxSpec:
     vae_tolerance: Tolerance = Tolerance(atol=1e-4, rtol=1e-3)
     # An fp16 transformer graph against the float32 torch model (bf16 has no ONNX Runtime CPU kernels to check with).
     fp16_tolerance: Tolerance = Tolerance(atol=1e-2, rtol=3e-2)
+    # ``--precision fp8``: the Linear layers quantised (a regex on the module path in the engine: every Linear of the
+    # double and single blocks, their AdaLN modulation included, as NVIDIA ModelOpt's FLUX recipe does; not the
+    # embedders, ``norm_out``, ``proj_out`` or the DDiT size adapters), how far an fp8 graph may be from
+    # the float32 model (E4M3 keeps 3 mantissa bits: about 6% per value), and the calibration run that sets the
+    # activation scales: the native model's Euler trajectory at ``opt_size`` for these prompts.
+    fp8_scope: str = r"transformer_blocks\.\d+\."
+    fp8_tolerance: Tolerance = Tolerance(atol=5e-2, rtol=0.25)
+    calibration_prompts: tuple[str, ...] = (
+        "a photo of a red fox sitting in the snow, detailed fur, soft light",
+        "a city street at night with neon signs, rain, reflections",
+        "a bowl of fruit on a wooden table, still life painting",
+        "",
+    )
+    calibration_steps: int = 8
+    # The DDiT tau an fp8 export writes into its manifest (None: the profile's own). FP8's rounding makes each step's
+    # velocity slightly rough, which the third difference of the latents sees: on the tiny FLUX, tau 0.002 ran no
+    # coarse step at all in fp8 (16.5% in float32), and 0.016 ran 22% (see the README).
+    fp8_tau: float | None = None
     # Random-init component configs for the embedded tiny models (empty for real checkpoints).
     tiny_configs: dict = field(default_factory=dict, compare=False, repr=False)
     family: str = "flux"
@@ -259,8 +280,9 @@ class FluxSpec:
                 kw["teacache"] = _teacache(kw["teacache"])
             for key in ("transformer_tolerance", "text_tolerance", "vae_tolerance"):
                 kw[key] = Tolerance(**kw[key])
-            if "fp16_tolerance" in kw:  # absent from manifests written before --precision
-                kw["fp16_tolerance"] = Tolerance(**kw["fp16_tolerance"])
+            for key in ("fp16_tolerance", "fp8_tolerance"):  # absent from manifests written before them
+                if key in kw:
+                    kw[key] = Tolerance(**kw[key])
             for key in (
                 "patch_factors",
                 "min_size",
@@ -270,6 +292,7 @@ class FluxSpec:
                 "transformer_outputs",
                 "teacache_inputs",
                 "teacache_outputs",
+                "calibration_prompts",
             ):
                 if key in kw:
                     kw[key] = tuple(kw[key])

@@ -124,8 +124,8 @@ def test_bf16_export_is_typed_and_says_its_check_is_left_to_a_gpu(tmp_path, tiny
 
 
 def test_unknown_precision_is_a_one_line_error(tmp_path):
-    result = CliRunner().invoke(export_main, ["flux", "--precision", "fp8", "-o", str(tmp_path / "e")])
-    assert result.exit_code == 2 and "fp8" in result.output and "fp16" in result.output
+    result = CliRunner().invoke(export_main, ["flux", "--precision", "int4", "-o", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "int4" in result.output and "fp16" in result.output
     assert not (tmp_path / "e").exists()
 
 
