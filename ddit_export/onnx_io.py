@@ -92,6 +92,8 @@ def export_checked(
     ranges by module path).
     """
     names, outputs, dynamic = io
+    if precision == "fp8" and not amax:  # quantize_graph would quantise nothing: never ship that as fp8
+        raise DDiTError(f"{label}: fp8 needs calibrated activation ranges (fp8.calibrate); only FLUX has them")
     body = "fp16" if precision == "fp8" else precision
     if body == "fp32":
         graph = module

@@ -36,8 +36,8 @@ FLUX_TINY = FluxSpec(
     # captions it raised SSIM (0.965 -> 0.973) and the simple-detailed coarse gap (19.8/18.5% -> 19.0/16.0%).
     # See the README.
     scheduler=SchedulerDefaults(tau=0.002, rho=0.7, warmup=3, steps=20, guidance=3.5, true_cfg=3.0),
-    # fp8 calibration: captions of the shapes grammar it was trained on (none of the held-out ones), and the empty
-    # prompt, which true classifier-free guidance runs at every step.
+    # fp8 calibration: three captions of the shapes grammar it was trained on, and the empty prompt, which true
+    # classifier-free guidance runs at every step.
     calibration_prompts=(
         "a red circle on a black background",
         "three small striped blue squares at the top of a yellow background",

@@ -9,7 +9,7 @@ from ddit_cli import export_main
 from ddit_export.flux_export import export_flux
 from ddit_export.flux_model import FluxEngine
 from ddit_export.fp8 import E4M3_MAX, calibrate, linears_in_scope, quantize_graph
-from ddit_export.onnx_io import TypedGraph, export_onnx, ort_session
+from ddit_export.onnx_io import TypedGraph, export_checked, export_onnx, ort_session
 from ddit_export.trt_build import TrtTarget, _precision, check_fp8_target
 from ddit_profiles import DDiTError
 from ddit_runtime.manifest import load_manifest
@@ -135,6 +135,14 @@ def test_calibration_that_matches_nothing_and_layers_missing_from_the_graph_are_
     export_onnx(TypedGraph(net, "fp16").eval(), (torch.randn(2, 8),), ("x",), ("y",), None, path, 18)
     with pytest.raises(DDiTError, match="not found"):
         quantize_graph(path, {"0": 1.0, "blocks.9.ff": 1.0}, external_bytes=1 << 30)
+
+
+def test_fp8_export_without_calibration_is_refused_before_exporting(tmp_path, tiny_spec):
+    path = tmp_path / "net.onnx"
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+    with pytest.raises(DDiTError, match="calibrated activation ranges"):
+        export_checked(net, (torch.randn(2, 8),), (("x",), ("y",), {}), path, tiny_spec, "net", [], "fp8")
+    assert not path.exists()
 
 
 def test_fp8_for_wan_is_refused_before_anything_is_written(tmp_path):
