@@ -46,6 +46,11 @@ def export_onnx(
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             ) from e
         program.save(str(path), external_data=external)
+    return graph_files(path)
+
+
+def graph_files(path: Path) -> list[Path]:
+    """The files of the graph at ``path``: itself and its external data (``NAME.onnx.data``)."""
     return sorted(p for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + "."))
 
 
@@ -106,7 +111,7 @@ def export_checked(
         from .fp8 import quantize_graph
 
         extra["fp8"] = quantize_graph(path, amax or {}, EXTERNAL_DATA_BYTES)
-        files = sorted(p for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + "."))
+        files = graph_files(path)  # the rewrite may have moved the weights in or out of external data
     if precision == "bf16":
         err, parity = None, "not run: ONNX Runtime's CPU provider has no bfloat16 kernels (check on a GPU)"
     else:
