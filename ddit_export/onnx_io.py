@@ -23,9 +23,20 @@ def param_bytes(module: torch.nn.Module) -> int:
 
 
 def export_onnx(
-    module, args: tuple, names: tuple[str, ...], outputs: tuple[str, ...], dynamic_shapes: dict, path: Path, opset: int
+    module,
+    args: tuple,
+    names: tuple[str, ...],
+    outputs: tuple[str, ...],
+    dynamic_shapes: dict,
+    path: Path,
+    opset: int,
+    keep_metadata: bool = False,
 ) -> list[Path]:
-    """Export ``module(*args)`` to ``path`` with dynamo at ``opset``; return the files written (graph + data)."""
+    """Export ``module(*args)`` to ``path`` with dynamo at ``opset``; return the files written (graph + data).
+
+    The exporter's per-node ``pkg.torch.*`` metadata (stack traces and module scopes, no part of the computation)
+    is dropped before saving unless ``keep_metadata`` (``fp8.quantize_graph`` reads the scopes, then drops them).
+    """
     external = param_bytes(module) > EXTERNAL_DATA_BYTES
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -45,8 +56,24 @@ def export_onnx(
                 f"torch.onnx export of {path.name} failed: {type(e).__name__}: "
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             ) from e
+        if not keep_metadata:
+            drop_exporter_metadata(program.model)
         program.save(str(path), external_data=external)
     return graph_files(path)
+
+
+def drop_exporter_metadata(model) -> int:
+    """Remove the ``pkg.torch.*`` metadata from every node of an ``onnx_ir`` model (subgraphs and functions too);
+    returns how many entries went."""
+    removed = 0
+    graphs = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in graph.all_nodes():
+            keys = [k for k in node.metadata_props if k.startswith("pkg.torch.")]
+            for k in keys:
+                del node.metadata_props[k]
+            removed += len(keys)
+    return removed
 
 
 def graph_files(path: Path) -> list[Path]:
@@ -104,7 +131,7 @@ def export_checked(
         graph = module
     else:  # TypedGraph.forward takes *args: torch.export then wants the dynamic shapes by position
         graph, dynamic = TypedGraph(module, body, keep).eval(), (tuple(dynamic.get(n) for n in names),)
-    files = export_onnx(graph, example, names, outputs, dynamic, path, spec.opset)
+    files = export_onnx(graph, example, names, outputs, dynamic, path, spec.opset, keep_metadata=precision == "fp8")
     del graph
     extra = {}
     if precision == "fp8":

@@ -12,7 +12,7 @@ from ddit_export import flux_export
 from ddit_export.flux_export import export_flux
 from ddit_export.flux_model import FluxEngine, size_variant
 from ddit_export.loading import load_flux, with_vae_normalisation
-from ddit_export.onnx_io import double_tensors, ort_session
+from ddit_export.onnx_io import double_tensors, export_onnx, ort_session
 from ddit_export.tiny import save_components
 from ddit_profiles import DDiTError
 from ddit_runtime.manifest import load_manifest
@@ -116,6 +116,20 @@ def test_no_float64_anywhere(tiny_engines):
     assert len(graphs) == 9  # 3 transformers, 3 TeaCache probes, 2 text encoders, the VAE decoder
     for path in graphs:
         assert double_tensors(path) == [], path.name
+
+
+def test_graphs_carry_no_exporter_metadata(tiny_engines, tmp_path):
+    """The dynamo exporter's per-node stack traces and scopes are dropped from every shipped graph, and only them."""
+    for path in sorted(tiny_engines.glob("*.onnx")):
+        model = onnx.load(str(path), load_external_data=False)
+        keys = {p.key for n in model.graph.node for p in n.metadata_props}
+        assert not {k for k in keys if k.startswith("pkg.torch.")}, path.name
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()).eval()
+    for keep in (True, False):
+        out = tmp_path / f"net_{keep}.onnx"
+        export_onnx(net, (torch.randn(2, 4),), ("x",), ("y",), None, out, 18, keep_metadata=keep)
+        keys = {p.key for n in onnx.load(str(out)).graph.node for p in n.metadata_props}
+        assert ("pkg.torch.onnx.name_scopes" in keys) == keep, keys
 
 
 def test_float64_check_can_fail(tmp_path):

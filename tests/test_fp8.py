@@ -114,10 +114,13 @@ def test_quantize_graph_matches_a_torch_fake_quant_reference_with_external_data(
     assert set(amax) == {"0", "2"} and amax["0"] == pytest.approx(x.abs().max().item())
     path = tmp_path / "net.onnx"
     dynamic = (({0: torch.export.Dim("b")},),)  # TypedGraph takes *args: dynamic shapes by position
-    export_onnx(TypedGraph(net, "fp16").eval(), (x,), ("x",), ("y",), dynamic, path, 18)
+    export_onnx(TypedGraph(net, "fp16").eval(), (x,), ("x",), ("y",), dynamic, path, 18, keep_metadata=True)
     block = quantize_graph(path, amax, external_bytes=0)
     assert block["layers"] == block["weights"] == 2 and block["activation_scales"] == 2
     assert (tmp_path / "net.onnx.data").is_file()
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert block["metadata_props_removed"] > 0  # the exporter's scopes were read, then dropped
+    assert not [p.key for n in graph.node for p in n.metadata_props if p.key.startswith("pkg.torch.")]
     got = torch.from_numpy(ort_session(path).run(None, {"x": x.numpy()})[0])
     with torch.no_grad():
         h = _fake_quant(x, amax["0"]) @ _fake_quant(net[0].weight, net[0].weight.abs().max().item()).T + net[0].bias
@@ -132,7 +135,9 @@ def test_calibration_that_matches_nothing_and_layers_missing_from_the_graph_are_
     with pytest.raises(DDiTError, match="fp8_scope"):
         calibrate(net, [(torch.randn(2, 8),)], r"transformer_blocks")
     path = tmp_path / "net.onnx"
-    export_onnx(TypedGraph(net, "fp16").eval(), (torch.randn(2, 8),), ("x",), ("y",), None, path, 18)
+    export_onnx(
+        TypedGraph(net, "fp16").eval(), (torch.randn(2, 8),), ("x",), ("y",), None, path, 18, keep_metadata=True
+    )
     with pytest.raises(DDiTError, match="not found"):
         quantize_graph(path, {"0": 1.0, "blocks.9.ff": 1.0}, external_bytes=1 << 30)
 

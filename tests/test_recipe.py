@@ -121,3 +121,10 @@ def test_keep_freed_memory_stops_big_tensors_faulting_in_fresh_pages():
         torch.ones(16 << 20)  # 16 Mi float32 = 64 MiB, written, then freed
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert faults < 2 * 16384, f"{faults} page faults for 5 reused 64 MiB tensors: at most one should fault in"
+
+
+def test_the_shipped_tiny_flux_was_built_by_the_fast_recipe_steps():
+    """``ddit-recipe flux --fast`` is the shipped model's command: its recorded steps are ``RecipeSteps.fast()``."""
+    recorded = json.loads((PACKAGE_MODELS / "flux" / "recipe.json").read_text())
+    assert recorded["steps"] == dataclasses.asdict(RecipeSteps.fast())
+    assert recorded["transformer_training"] == {"bf16_autocast": True, "compiled": True}
