@@ -494,11 +494,8 @@ def recipe_main(family, output, smoke, install, seed, fast, quiet):
     if fast:
         if spec.family != "flux":
             raise DDiTError(f"--fast is measured on the flux recipe only, not {spec.family}: drop --fast")
-        fast_steps = Steps.fast()
-        if smoke:
-            steps = dataclasses.replace(steps, transformer_bf16=True, transformer_compile=True)
-        else:
-            steps = fast_steps
+        fast = dict(transformer_bf16=True, transformer_compile=True)  # --smoke --fast: the smoke steps, fast
+        steps = dataclasses.replace(steps, **fast) if smoke else Steps.fast()
     output = Path(output or f"build/tiny-{spec.family}")
     recipe = Recipe(spec, output, steps, seed, progress=not quiet)
     recipe.run()

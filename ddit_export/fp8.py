@@ -28,6 +28,8 @@ from onnx import TensorProto, numpy_helper
 
 from ddit_profiles import DDiTError
 
+from .onnx_io import EXPORTER_METADATA
+
 E4M3_MAX = 448.0  # the largest finite float8 e4m3fn value
 FP8_OPSET = 19  # QuantizeLinear / DequantizeLinear take float8 from opset 19
 ZERO_POINT = "ddit_fp8_zero_point"
@@ -177,7 +179,7 @@ def strip_exporter_metadata(graph: onnx.GraphProto) -> int:
     tiny fp8 graph's bytes), in subgraphs too, once ``quantize_graph`` has read the scopes. Returns how many."""
     removed = 0
     for node in graph.node:
-        kept = [p for p in node.metadata_props if not p.key.startswith("pkg.torch.")]
+        kept = [p for p in node.metadata_props if not p.key.startswith(EXPORTER_METADATA)]
         removed += len(node.metadata_props) - len(kept)
         del node.metadata_props[:]
         node.metadata_props.extend(kept)

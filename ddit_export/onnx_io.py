@@ -62,6 +62,10 @@ def export_onnx(
     return graph_files(path)
 
 
+#: key prefix of the dynamo exporter's per-node metadata (``pkg.torch.onnx.name_scopes``, stack traces, ...)
+EXPORTER_METADATA = "pkg.torch."
+
+
 def drop_exporter_metadata(model) -> int:
     """Remove the ``pkg.torch.*`` metadata from every node of an ``onnx_ir`` model (subgraphs and functions too);
     returns how many entries went."""
@@ -69,7 +73,7 @@ def drop_exporter_metadata(model) -> int:
     graphs = [model.graph, *model.functions.values()]
     for graph in graphs:
         for node in graph.all_nodes():
-            keys = [k for k in node.metadata_props if k.startswith("pkg.torch.")]
+            keys = [k for k in node.metadata_props if k.startswith(EXPORTER_METADATA)]
             for k in keys:
                 del node.metadata_props[k]
             removed += len(keys)
