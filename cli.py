@@ -5,7 +5,6 @@ Bad input ends in one line on stderr and exit status 2; the runtime command neve
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import sys
@@ -494,8 +493,7 @@ def recipe_main(family, output, smoke, install, seed, fast, quiet):
     if fast:
         if spec.family != "flux":
             raise DDiTError(f"--fast is measured on the flux recipe only, not {spec.family}: drop --fast")
-        fast = dict(transformer_bf16=True, transformer_compile=True)  # --smoke --fast: the smoke steps, fast
-        steps = dataclasses.replace(steps, **fast) if smoke else Steps.fast()
+        steps = steps.accelerated() if smoke else Steps.fast()
     output = Path(output or f"build/tiny-{spec.family}")
     recipe = Recipe(spec, output, steps, seed, progress=not quiet)
     recipe.run()
