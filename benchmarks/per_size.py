@@ -6,7 +6,8 @@ The lean part of ``ddit-bench``: the fixed native, 2p and 4p schedules through t
 cost added, engine call with its in-graph patchify, Euler update), the bare engine call per size, and the
 profile's analytic FLOP ratio. It loads no TeaCache probes and runs no DDiT sweep, so it needs less memory than
 the full ``ddit-bench``: on ``flux-dev-shape`` at 1024x1024 it peaked at 22.0 GB resident (2026-11-23, with the
-runtime's shared CPU arena; before it, 24.3 GB and OOM-killed), and took 7 minutes on 2 cores.
+runtime's shared CPU arena; before it, 24.3 GB and OOM-killed), and took 7 minutes on 2 cores. Wan engines
+(``wan-1.3b-shape``) run at the profile's opt frame count and size, with their guidance batched.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import sys
 
 from ddit_export.bench import Bench, Method, builtin_prompts, markdown, write_json
-from ddit_runtime.pipeline import FluxRuntime
+from ddit_runtime.manifest import peek_family
 
 
 def main(argv=None) -> int:
@@ -24,14 +25,19 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    runtime = FluxRuntime(args.engines, provider="cpu")
-    bench = Bench(runtime, builtin_prompts("flux", 1), seeds=1, steps=args.steps, progress=True)
+    family = peek_family(args.engines)
+    if family == "wan":
+        from ddit_runtime.wan_pipeline import WanRuntime as Runtime
+    else:
+        from ddit_runtime.pipeline import FluxRuntime as Runtime
+    runtime = Runtime(args.engines, provider="cpu")
+    bench = Bench(runtime, builtin_prompts(family, 1), seeds=1, steps=args.steps, progress=True)
     for _ in range(2):  # the first runs at large token counts are slow: warm every size up twice
         for k in runtime.sizes:
             bench._generate(bench.prompts[0], 0, dict(schedule=[k] * args.steps))
     methods = [Method("native", "baseline", dict(schedule=[1] * args.steps))]
     methods += [Method(f"fixed {k}p", "fixed", dict(schedule=[k] * args.steps)) for k in runtime.sizes if k > 1]
-    bench.done = [bench.run_method(m) for m in methods]
+    bench.done = bench.run_methods(methods)  # interleaved per step count: drift hits every size alike
     bench.tau = runtime.spec.scheduler.tau
     report = bench.report()
     print(markdown(report))

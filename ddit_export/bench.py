@@ -1,8 +1,9 @@
 """``ddit-bench``: speed and quality of every schedule on one engines folder, side by side, in one process.
 
 On the same prompts and seeds it runs the native fixed schedule (the baseline), the fixed coarse schedules, DDiT at
-each tau preset, TeaCache alone, DDiT + TeaCache, and the baseline with fewer steps matched to DDiT's time. For each
-it reports step times per patch size against the FLOP-ideal ratios from the profile, end-to-end speedup, the
+each tau preset, TeaCache alone, DDiT + TeaCache, and the baseline with fewer steps matched to the time of DDiT and of
+each DDiT + TeaCache threshold (the paper's step-reduction comparison). The methods run interleaved, each prompt
+through every method in turn, so that the machine's drift hits them alike. For each it reports step times per patch size against the FLOP-ideal ratios from the profile, end-to-end speedup, the
 scheduler's overhead, memory, and quality: PSNR/SSIM against the baseline's images, plus the shapes evaluator's
 score when the prompts are the built-in held-out captions (the embedded tiny models are trained on that grammar).
 """
@@ -116,6 +117,7 @@ class Method:
     kind: str  # baseline | fixed | ddit | teacache | ddit+teacache | fewer-steps
     options: dict
     runs: list = field(default_factory=list)
+    base: Method | None = None  # the baseline run interleaved with this one: its speedup is against that
 
 
 class Bench:
@@ -138,31 +140,46 @@ class Bench:
         return self.runtime.generate(prompt.text, steps=steps, seed=seed, progress=False, **opts)
 
     def run_method(self, method: Method) -> Method:
+        """One method on every prompt and seed (see ``run_methods`` for several, interleaved)."""
+        return self.run_methods([method])[0]
+
+    def run_methods(self, methods: list[Method]) -> list[Method]:
+        """Every method on every prompt and seed, interleaved: for each prompt and seed, each method once, in
+        order. Machine drift (these CPUs vary 10-20% over minutes) then hits every method alike, where running
+        one method after another would credit it to whichever ran in a slow minute. A baseline among them becomes
+        the others' ``base``; the baseline's image is the quality reference."""
+        base = next((m for m in methods if m.kind == "baseline"), None)
         jobs = [(i, p, s) for i, p in enumerate(self.prompts) for s in range(self.seeds)]
-        for i, prompt, seed in tqdm(jobs, desc=method.name, disable=not self.progress, leave=False):
-            result = self._generate(prompt, seed, method.options)
-            if method.kind == "baseline":
-                self.native[(i, seed)] = result.image
-            ref = self.native[(i, seed)]
-            pairs = list(zip(frames_of(result.image), frames_of(ref), strict=True))
-            method.runs.append(
-                dict(
-                    prompt=i,
-                    seed=seed,
-                    total_s=result.total_s,
-                    denoise_s=sum(result.step_ms) / 1000,
-                    step_ms=result.step_ms,
-                    schedule=result.schedule,
-                    computed=result.computed or [True] * len(result.schedule),
-                    forced=result.settings.get("teacache_forced_by_switch", 0),
-                    reused=result.settings.get("teacache_reused_across_switch", 0),
-                    score=prompt.score(result.image) if prompt.score else None,
-                    ssim=_mean([ssim(a, b) for a, b in pairs]),
-                    psnr=_psnr_mean([psnr(a, b) for a, b in pairs]),
-                    rss_mb=_rss_mb(),
-                )
+        for i, prompt, seed in tqdm(jobs, desc="prompt x seed", disable=not self.progress, leave=False):
+            for method in methods:
+                self._record(method, i, prompt, seed)
+        for method in methods:
+            method.base = method.base or base
+        return methods
+
+    def _record(self, method: Method, i: int, prompt: Prompt, seed: int) -> None:
+        result = self._generate(prompt, seed, method.options)
+        if method.kind == "baseline":
+            self.native[(i, seed)] = result.image
+        ref = self.native[(i, seed)]
+        pairs = list(zip(frames_of(result.image), frames_of(ref), strict=True))
+        method.runs.append(
+            dict(
+                prompt=i,
+                seed=seed,
+                total_s=result.total_s,
+                denoise_s=sum(result.step_ms) / 1000,
+                step_ms=result.step_ms,
+                schedule=result.schedule,
+                computed=result.computed or [True] * len(result.schedule),
+                forced=result.settings.get("teacache_forced_by_switch", 0),
+                reused=result.settings.get("teacache_reused_across_switch", 0),
+                score=prompt.score(result.image) if prompt.score else None,
+                ssim=_mean([ssim(a, b) for a, b in pairs]),
+                psnr=_psnr_mean([psnr(a, b) for a, b in pairs]),
+                rss_mb=_rss_mb(),
             )
-        return method
+        )
 
     def methods(self, taus: list[float], thresholds: list[float]) -> list[Method]:
         """Every method; DDiT+TeaCache uses the middle tau preset (the profile's default unless --taus)."""
@@ -184,20 +201,36 @@ class Bench:
             ]
         return out
 
+    def fewer_steps(self, done: list[Method]) -> list[Method]:
+        """The paper's step-reduction comparison: the baseline with as many steps as fit the time of DDiT (the
+        middle tau) and of each DDiT + TeaCache threshold (the default switch policy), one run per step count."""
+        base = sum(r["total_s"] for r in done[0].runs)
+        targets = [m for m in done if m.kind == "ddit" and m.options["tau"] == self.tau]
+        targets += [m for m in done if m.kind == "ddit+teacache" and "teacache_switch" not in m.options]
+        out: dict[int, Method] = {}
+        for m in targets:
+            fewer = max(1, round(self.steps * sum(r["total_s"] for r in m.runs) / base))
+            if fewer not in out and fewer < self.steps:
+                out[fewer] = Method(
+                    f"native {fewer} steps ({m.name}'s time)",
+                    "fewer-steps",
+                    dict(steps=fewer, schedule=[1] * fewer),
+                )
+        if not out:
+            return []
+        # A second pass of the baseline, interleaved with these: their speedups are against it, not against the
+        # first pass's, which ran minutes earlier.
+        again = Method("native (again, beside step reduction)", "baseline", dict(schedule=[1] * self.steps))
+        return [again, *out.values()]
+
     def run(self, taus: list[float] | None = None, thresholds: list[float] | None = None) -> dict:
         tau = self.spec.scheduler.tau
         taus = taus or [tau / 2, tau, tau * 2]
         thresholds = thresholds or list(self.spec.teacache.presets)
         self._generate(self.prompts[0], 0, dict(schedule=[1] * self.steps))  # warm the sessions up
-        done = [self.run_method(m) for m in self.methods(taus, thresholds)]
-        # The paper's step-reduction comparison: the baseline with as many steps as fit DDiT's time.
+        done = self.run_methods(self.methods(taus, thresholds))
         self.tau = taus[len(taus) // 2]
-        ddit = next(m for m in done if m.kind == "ddit" and m.options["tau"] == self.tau)
-        ratio = sum(r["total_s"] for r in ddit.runs) / sum(r["total_s"] for r in done[0].runs)
-        fewer = max(1, round(self.steps * ratio))
-        done.append(
-            self.run_method(Method(f"native {fewer} steps", "fewer-steps", dict(steps=fewer, schedule=[1] * fewer)))
-        )
+        done += self.run_methods(self.fewer_steps(done))
         self.done = done
         return self.report()
 
@@ -218,24 +251,40 @@ class Bench:
             sched.observe(latent)
         return scheduler_step_ms(sched, latent, reps)
 
+    @property
+    def call_batch(self) -> int:
+        """The batch of one engine call in the runtime's step: 2 under batched guidance (the runtimes' default:
+        FLUX's true CFG above 1, Wan's guidance scale above 1), else 1."""
+        d = self.spec.scheduler
+        return 2 if (d.true_cfg if self.family == "flux" else d.guidance) > 1.0 else 1
+
     def bare_engine_ms(self, reps: int = 10) -> dict[int, float]:
-        """Median ms of one bare engine call per size (IOBinding on preallocated buffers, nothing else)."""
-        spec, dev, out = self.spec, self.runtime.device, {}
-        if self.family != "flux":
-            return out
+        """Median ms of one bare engine call per size at the batch the runtime's step uses (IOBinding on
+        preallocated buffers, nothing else)."""
+        spec, dev, out, b = self.spec, self.runtime.device, {}, self.call_batch
         lh, lw = spec.latent_hw(self.height, self.width)
+        if self.family == "wan":
+            frames = spec.latent_frames(spec.opt_frames)
+            latent = torch.randn(b, spec.latent_channels, frames, lh, lw, device=dev)
+            text = (b, spec.t5_max_length, spec.text_dim)
+            grid = (frames,)
+        else:
+            latent = torch.randn(b, spec.latent_channels, lh, lw, device=dev)
+            text = (b, spec.t5_max_length, spec.joint_attention_dim)
+            grid = ()
         feeds = {
-            "latent": torch.randn(1, spec.latent_channels, lh, lw, device=dev),
-            "timestep": torch.full((1,), 0.5, device=dev),
-            "guidance": torch.full((1,), spec.scheduler.guidance, device=dev),
-            "encoder_hidden_states": torch.randn(1, spec.t5_max_length, spec.joint_attention_dim, device=dev),
-            "pooled_projections": torch.randn(1, spec.pooled_dim, device=dev),
+            "latent": latent,
+            "timestep": torch.full((b,), 0.5, device=dev),
+            "encoder_hidden_states": torch.randn(text, device=dev),
         }
+        if self.family == "flux":
+            feeds["guidance"] = torch.full((b,), spec.scheduler.guidance, device=dev)
+            feeds["pooled_projections"] = torch.randn(b, spec.pooled_dim, device=dev)
         for k, engine in self.runtime.engines.items():
-            outputs = {"velocity": torch.empty_like(feeds["latent"])}
+            outputs = {"velocity": torch.empty_like(latent)}
             if "residual" in engine.output_names:
                 rows, cols = spec.token_grid(k, self.height, self.width)
-                outputs["residual"] = torch.empty(1, rows, cols, engine.output_dim("residual"), device=dev)
+                outputs["residual"] = torch.empty(b, *grid, rows, cols, engine.output_dim("residual"), device=dev)
             engine.run(feeds, outputs)
             times = []
             for _ in range(reps):
@@ -254,8 +303,6 @@ class Bench:
         return self.spec.step_flops(k, self.height, self.width)
 
     def report(self) -> dict:
-        base = self.done[0]
-        base_total = sum(r["total_s"] for r in base.runs)
         # Per-size step time of the runtime: the fixed schedule's median step (bound buffers, the engine call with
         # its in-graph patchify, the Euler update) plus the scheduler's measured per-step cost, which every DDiT
         # step adds. DDiT's own steps at each size (noisier: fewer samples) are reported beside it as a check.
@@ -297,7 +344,7 @@ class Bench:
                     kind=m.kind,
                     options={k: v for k, v in m.options.items() if k != "schedule"},
                     total_s=total,
-                    speedup=base_total / total,
+                    speedup=sum(r["total_s"] for r in (m.base or m).runs) / total,
                     mean_s=total / len(m.runs),
                     coarse_fraction=_mean([sum(f > 1 for f in r["schedule"]) / len(r["schedule"]) for r in m.runs]),
                     computed_fraction=_mean([sum(r["computed"]) / len(r["computed"]) for r in m.runs]),
@@ -322,6 +369,7 @@ class Bench:
             height=self.height,
             width=self.width,
             steps=self.steps,
+            call_batch=self.call_batch,
             prompts=[p.text for p in self.prompts],
             seeds=self.seeds,
             per_size=per_size,

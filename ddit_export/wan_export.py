@@ -126,19 +126,22 @@ def _export_teacache_probe(
     return entry | dict(split_error=split)
 
 
-def _token_feeds(tokenizer, max_length: int, vocab: int, gen) -> list[tuple]:
+def _token_feeds(tokenizer, max_length: int, vocab: int, gen, max_batch: int) -> list[tuple]:
+    """Parity feeds for the text encoder, none over ``max_batch`` (the real Wan profiles allow 2: one guidance
+    pair). The second is the export's example: a batch of 2 where allowed, so the batch dim is traced dynamic."""
     prompts = ["a red circle on a black background", "many small striped blue squares", ""]
     real = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     ids, mask = real.input_ids, real.attention_mask
-    rand = torch.randint(0, vocab, (2, max_length), generator=gen)
-    return [(ids[:1], mask[:1]), (ids, mask), (rand, torch.ones_like(rand))]
+    b = min(2, max_batch)
+    rand = torch.randint(0, vocab, (b, max_length), generator=gen)
+    return [(ids[:1], mask[:1]), (ids[:b], mask[:b]), (ids[2:], mask[2:]), (rand, torch.ones_like(rand))]
 
 
 def _export_text(parts, spec: WanSpec, folder: Path) -> dict:
     module, tokenizer = Umt5Embeds(parts["text_encoder"]).eval(), parts["tokenizer"]
     gen = torch.Generator().manual_seed(7)
     length = spec.t5_max_length
-    feeds = _token_feeds(tokenizer, length, parts["text_encoder"].config.vocab_size, gen)
+    feeds = _token_feeds(tokenizer, length, parts["text_encoder"].config.vocab_size, gen, spec.max_batch)
     batch = Dim("batch", min=1, max=spec.max_batch)
     names = ("input_ids", "attention_mask")
     path = folder / "text_encoder.onnx"

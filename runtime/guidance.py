@@ -2,6 +2,8 @@
 
 import torch
 
+CFG_MODES = ("batched", "two-pass")  # both guidance passes as one batch of 2, or one engine call per pass
+
 
 def guided_velocity(
     cond: torch.Tensor, uncond: torch.Tensor, scale: float, out: torch.Tensor | None = None

@@ -17,11 +17,11 @@ from ddit_profiles import DDiTError
 
 from .backends import backend_from_provider, open_transformers
 from .engine import OrtEngine, teacache_probe
-from .guidance import guided_velocity
+from .guidance import CFG_MODES, guided_velocity
 from .manifest import Manifest, load_manifest
 from .scheduler import PatchScheduler
 from .sigmas import flux_sigmas
-from .teacache import TeaCache
+from .teacache import TeaCache, any_compute
 from .text import PromptTokenizer, check_prompt
 
 
@@ -107,11 +107,13 @@ class FluxRuntime:
         true_cfg: float | None = None,
         negative_prompt: str = "",
         teacache_switch: str = "recompute",
+        cfg: str = "batched",
     ) -> Generation:
         """Run the whole pipeline. ``schedule`` fixes the factor per step; None lets the DDiT scheduler choose.
         ``teacache`` (a threshold such as 0.25 / 0.4 / 0.6) also skips the blocks on steps TeaCache deems cheap.
-        ``true_cfg`` above 1 (default: the profile's) guides against ``negative_prompt`` with a second engine
-        call per step: v = v_neg + true_cfg * (v - v_neg), one TeaCache accumulator per pass.
+        ``true_cfg`` above 1 (default: the profile's) guides against ``negative_prompt``:
+        v = v_neg + true_cfg * (v - v_neg), one TeaCache accumulator per pass. ``cfg``: the two passes as one engine
+        call on a batch of 2 (``batched``, the default) or as two calls (``two-pass``).
         ``teacache_switch``: what a patch-size switch does to TeaCache, ``recompute`` or ``per-size`` (see
         ``teacache``)."""
         spec, defaults = self.spec, self.spec.scheduler
@@ -124,6 +126,8 @@ class FluxRuntime:
             raise DDiTError(f"--true-cfg must be at least 1 (1 turns it off), got {true_cfg}")
         if steps < 1:
             raise DDiTError(f"--steps must be at least 1, got {steps}")
+        if cfg not in CFG_MODES:
+            raise DDiTError(f"unknown --cfg '{cfg}': choose {' or '.join(CFG_MODES)}")
         tau, rho = defaults.tau if tau is None else tau, defaults.rho if rho is None else rho
         spec.check_resolution(height, width, self.sizes)
         if not 0.0 <= rho <= 1.0:
@@ -142,7 +146,7 @@ class FluxRuntime:
         started = time.perf_counter()
         text = [self.encode(prompt)] + ([self.encode(negative_prompt, negative=True)] if guided else [])
         latent, step_ms, used, computed = self._denoise(
-            text, height, width, steps, seed, guidance, true_cfg, tau, rho, schedule, caches, progress
+            text, height, width, steps, seed, guidance, true_cfg, tau, rho, schedule, cfg, caches, progress
         )
         image = self.decode(latent)
         settings = dict(
@@ -154,6 +158,7 @@ class FluxRuntime:
             guidance=guidance,
             true_cfg=true_cfg,
             negative_prompt=negative_prompt if guided else None,
+            cfg=cfg if guided else None,
             tau=tau,
             rho=rho,
             schedule_mode="auto" if schedule is None else "fixed",
@@ -165,32 +170,56 @@ class FluxRuntime:
             settings["teacache_reused_across_switch"] = caches[0].reused_across_switch
         return Generation(image, used, step_ms, time.perf_counter() - started, settings, computed)
 
-    def _buffers(self, factor: int, height: int, width: int) -> dict[str, torch.Tensor]:
-        """Size ``factor``'s residual (and TeaCache signal) buffers [1, rows, cols, D] / [1, N, D], zeroed."""
+    def _buffers(self, factor: int, passes: int, height: int, width: int) -> dict[str, torch.Tensor]:
+        """Size ``factor``'s residual (and TeaCache signal) buffers [passes, rows, cols, D] / [passes, N, D], zeroed;
+        row p is pass p's."""
         rows, cols = self.spec.token_grid(factor, height, width)
         engine = self.engines[factor]
         if "residual" not in engine.output_names:  # folders exported before TeaCache
             return {}
         dim = engine.output_dim("residual")
         return {
-            "residual": torch.zeros(1, rows, cols, dim, device=self.device),
-            "modulated": torch.zeros(1, rows * cols, dim, device=self.device),
+            "residual": torch.zeros(passes, rows, cols, dim, device=self.device),
+            "modulated": torch.zeros(passes, rows * cols, dim, device=self.device),
         }
 
-    def _denoise(self, text, height, width, steps, seed, guidance, true_cfg, tau, rho, schedule, caches, progress):
+    def _denoise(self, text, height, width, steps, seed, guidance, true_cfg, tau, rho, schedule, cfg, caches, progress):
         """``text``: [(T5 states, pooled)] of the prompt, then of the negative prompt when guided.
-        Returns (latent, step_ms, schedule, computed). One engine call per pass and step; each pass has its own
-        velocity and TeaCache buffers, and the guided velocity is formed in place in pass 0's."""
+        Returns (latent, step_ms, schedule, computed).
+
+        Engine calls per step: one, on a batch of both passes (``cfg`` batched), or one per pass (pass 0 the
+        prompt's). Every buffer with a pass dimension (velocity, residuals, TeaCache signals) is sliced per call
+        along its first dimension, which keeps each slice contiguous, and the guided velocity is formed in place in
+        pass 0's row."""
         spec, dev = self.spec, self.device
         lh, lw = spec.latent_hw(height, width)
         gen = torch.Generator("cpu").manual_seed(seed)
         latent = torch.randn(1, spec.latent_channels, lh, lw, generator=gen).to(dev)  # [1, 16, h, w]
-        velocities = [torch.empty_like(latent) for _ in text]  # pass 0: the prompt's, then the negative's
+        passes = len(text)
+        batched = passes == 2 and cfg == "batched"
+        n = passes if batched else 1  # the batch of one engine call
+        # The engine's latent input: the latent itself, or a [2, 16, h, w] copy of it that both passes read.
+        engine_latent = torch.empty(n, *latent.shape[1:], device=dev) if batched else latent
+        velocity = torch.empty(passes, *latent.shape[1:], device=dev)  # [passes, 16, h, w]
         sigmas = flux_sigmas(steps, spec.shift.mu(spec.image_seq_len(height, width))).tolist()  # host floats
-        timestep = torch.empty(1, device=dev)
-        common = {"latent": latent, "timestep": timestep, "guidance": torch.full((1,), float(guidance), device=dev)}
-        feeds = [common | {"encoder_hidden_states": t5, "pooled_projections": pooled} for t5, pooled in text]
-        buffers = [{k: self._buffers(k, height, width) for k in self.sizes} for _ in text]
+        timestep = torch.empty(n, device=dev)
+        common = {
+            "latent": engine_latent,
+            "timestep": timestep,
+            "guidance": torch.full((n,), float(guidance), device=dev),
+        }
+        if batched:
+            states = {
+                "encoder_hidden_states": torch.cat([t5 for t5, _ in text]).contiguous(),
+                "pooled_projections": torch.cat([pooled for _, pooled in text]).contiguous(),
+            }
+            calls = [(slice(0, 2), common | states)]
+        else:
+            calls = [
+                (slice(p, p + 1), common | {"encoder_hidden_states": t5, "pooled_projections": pooled})
+                for p, (t5, pooled) in enumerate(text)
+            ]
+        buffers = {k: self._buffers(k, passes, height, width) for k in self.sizes}
         scheduler = PatchScheduler(self.sizes, spec.native_patch, tau, rho, spec.scheduler.warmup)
         if schedule is None:
             scheduler.observe(latent)
@@ -199,16 +228,22 @@ class FluxRuntime:
             t0 = time.perf_counter()
             factor = scheduler.next_factor() if schedule is None else schedule[i]  # a host read
             timestep.fill_(sigmas[i])
+            if batched:
+                engine_latent.copy_(latent.expand_as(engine_latent))
             ran = [
                 self._call(
-                    factor, i, feeds[p], velocities[p], buffers[p][factor], None if caches is None else caches[p]
+                    factor,
+                    i,
+                    feeds,
+                    velocity[lane],
+                    {name: b[lane] for name, b in buffers[factor].items()},
+                    None if caches is None else caches[lane],
                 )
-                for p in range(len(text))
+                for lane, feeds in calls
             ]
-            velocity = velocities[0]
-            if len(text) == 2:  # in place, into the prompt pass's buffer
-                guided_velocity(velocity, velocities[1], true_cfg, out=velocity)
-            latent.add_(velocity, alpha=sigmas[i + 1] - sigmas[i])  # Euler: z += (sigma_next - sigma) * v
+            if passes == 2:  # in place, into the prompt pass's row
+                guided_velocity(velocity[:1], velocity[1:], true_cfg, out=velocity[:1])
+            latent.add_(velocity[:1], alpha=sigmas[i + 1] - sigmas[i])  # Euler: z += (sigma_next - sigma) * v
             if schedule is None:
                 scheduler.observe(latent)
             if dev.type == "cuda":
@@ -218,15 +253,16 @@ class FluxRuntime:
             computed.append(any(ran))
         return latent, step_ms, used, computed
 
-    def _call(self, factor: int, step: int, feeds: dict, velocity, buf: dict, cache) -> bool:
-        """One pass of one step: with ``cache``, the probe writes the signal and the velocity from the cached
-        residual, and the blocks run only when TeaCache says so (a host read). Returns whether they ran."""
+    def _call(self, factor: int, step: int, feeds: dict, velocity, buf: dict, caches) -> bool:
+        """One engine call (one pass, or both batched): with ``caches`` (one per pass in the call), the probe writes
+        the signals and the velocity from the cached residual, and the blocks run only when TeaCache says so for
+        any pass in the call (a host read per pass). Returns whether they ran."""
         compute = True
-        if cache is not None:
+        if caches is not None:
             self.probes[factor].run(
                 feeds | {"residual": buf["residual"]}, {"modulated": buf["modulated"], "velocity": velocity}
             )
-            compute = cache.should_compute(buf["modulated"], step, factor)
+            compute = any_compute(caches, buf["modulated"], step, factor)
         if compute:
             self.engines[factor].run(feeds, {"velocity": velocity} | {k: buf[k] for k in ("residual",) if k in buf})
         return compute

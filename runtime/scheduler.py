@@ -23,12 +23,20 @@ def third_difference(z0: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, z3: t
 
 
 def _check_tiles(delta: torch.Tensor, patch: int) -> None:
-    h, w = delta.shape[-2:]
-    if delta.dim() < 4 or h % patch or w % patch:
+    if delta.dim() < 4 or patch < 1:
         raise DDiTError(
             f"cannot cut a latent of shape {tuple(delta.shape)} into {patch}x{patch} patches: "
-            "it needs [B, C, ..., H, W] with H and W multiples of the patch side"
+            "it needs [B, C, ..., H, W] and a positive patch side"
         )
+
+
+def _pad_to(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """[N, 1, H, W] -> replicate-padded at the bottom and right to multiples of ``patch``, as the engines pad a
+    latent whose side the patch does not divide (Wan at 480p: 60 latent rows, 4p tiles of 8 -> 64)."""
+    h, w = x.shape[-2:]
+    if h % patch == 0 and w % patch == 0:
+        return x
+    return F.pad(x, (0, (-w) % patch, 0, (-h) % patch), mode="replicate")
 
 
 def _centred_pool(x: torch.Tensor, mean: torch.Tensor, r: int) -> torch.Tensor:
@@ -39,8 +47,9 @@ def _centred_pool(x: torch.Tensor, mean: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def patch_std_maps(delta: torch.Tensor, patches: Sequence[int]) -> list[torch.Tensor]:
-    """[B, C, *S, H, W] -> one [B, *S, H/p, W/p] float32 map per patch side p: the population std inside each
-    p x p tile per channel, averaged over C.
+    """[B, C, *S, H, W] -> one [B, *S, ceil(H/p), ceil(W/p)] float32 map per patch side p: the population std
+    inside each p x p tile per channel, averaged over C. A side p does not divide is replicate-padded at the
+    bottom and right first, as the engines tile such a latent, so each map has one value per token of that size.
 
     Two-pass (the mean first, then the mean squared deviation) with pooling, which is several times faster than
     a reduction over strided tile dims. A side that is a multiple of the previous one is built from that one's tile
@@ -52,22 +61,25 @@ def patch_std_maps(delta: torch.Tensor, patches: Sequence[int]) -> list[torch.Te
     x = delta.float().reshape(-1, 1, h, w)  # [B*C*S, 1, H, W]
     maps, prev = [], None
     for patch in patches:
-        if prev is not None and patch % prev[0] == 0:
+        divides = h % patch == 0 and w % patch == 0
+        if prev is not None and patch % prev[0] == 0 and divides:  # then prev's side divides H and W too
             side, mean, var = prev
             r = patch // side
             coarse = F.avg_pool2d(mean, r)
             var = F.avg_pool2d(var, r).add_(_centred_pool(mean, coarse, r))
             mean = coarse
         else:
-            mean = F.avg_pool2d(x, patch)
-            var = _centred_pool(x, mean, patch)
-        prev = (patch, mean, var)
-        maps.append(var.sqrt().reshape(*lead, h // patch, w // patch).mean(dim=1))
+            padded = _pad_to(x, patch)
+            mean = F.avg_pool2d(padded, patch)
+            var = _centred_pool(padded, mean, patch)
+        prev = (patch, mean, var) if divides else None
+        maps.append(var.sqrt().reshape(*lead, *mean.shape[-2:]).mean(dim=1))
     return maps
 
 
 def patch_std_map(delta: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, C, *S, H, W] -> [B, *S, H/patch, W/patch]: population std inside each tile per channel, mean over C."""
+    """[B, C, *S, H, W] -> [B, *S, ceil(H/patch), ceil(W/patch)]: population std inside each tile per channel, mean
+    over C (see ``patch_std_maps`` for sides the patch does not divide)."""
     return patch_std_maps(delta, [patch])[0]
 
 

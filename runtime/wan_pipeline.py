@@ -20,15 +20,13 @@ from ddit_profiles import DDiTError
 
 from .backends import backend_from_provider, open_transformers
 from .engine import OrtEngine, teacache_probe
-from .guidance import guided_velocity
+from .guidance import CFG_MODES, guided_velocity
 from .manifest import load_manifest
 from .pipeline import Generation
 from .scheduler import PatchScheduler
 from .teacache import TeaCache, any_compute
 from .text import PromptTokenizer
 from .unipc import UniPCFlowSampler, wan_flow_sigmas, wan_flow_timesteps
-
-CFG_MODES = ("batched", "two-pass")
 
 
 class WanRuntime:

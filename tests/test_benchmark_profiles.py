@@ -41,13 +41,20 @@ def test_random_model_builds_the_real_classes_at_the_profile_widths():
     assert 5.4e8 < sum(p.numel() for p in parts["transformer"].parameters()) < 5.6e8  # METHOD.md's 545M
 
 
-def test_random_wan_shape_builds_the_real_classes():
+def test_random_wan_shape_builds_the_real_classes_and_exports_its_text_encoder(tmp_path):
+    from ddit_export.wan_export import _export_text
     from ddit_export.wan_loading import load_wan
 
-    parts = load_wan("random", get_profile("wan-1.3b-shape"))
+    spec = get_profile("wan-1.3b-shape")
+    parts = load_wan("random", spec)
     cfg = parts["transformer"].config
     assert type(parts["transformer"]).__name__ == "WanTransformer3DModel"
     assert (cfg.num_attention_heads, cfg.attention_head_dim, cfg.ffn_dim, cfg.text_dim) == (12, 128, 8960, 4096)
+    # The real Wan profiles allow a batch of 2 (one guidance pair): the export must trace and check within it
+    # (it once traced a batch of 3, and every real-width Wan export failed at the text encoder).
+    assert spec.max_batch == 2
+    meta = _export_text(parts, spec, tmp_path)
+    assert (tmp_path / meta["onnx"]).is_file() and meta["max_abs_error"] <= spec.text_tolerance.bound(1.0)
 
 
 def test_random_without_configs_is_a_one_line_error():

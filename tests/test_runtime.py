@@ -76,12 +76,13 @@ def _count_engine_calls(runtime, monkeypatch) -> dict:
     return calls
 
 
-def test_fixed_schedule_uses_only_that_engine(runtime, monkeypatch):
+@pytest.mark.parametrize("cfg, per_step", [("batched", 1), ("two-pass", 2)])
+def test_fixed_schedule_uses_only_that_engine(runtime, monkeypatch, cfg, per_step):
+    assert runtime.spec.scheduler.true_cfg > 1.0  # flux-tiny guides: both passes in one call, or one call each
     calls = _count_engine_calls(runtime, monkeypatch)
-    result = runtime.generate(PROMPT, steps=STEPS, schedule=[4] * STEPS, progress=False)
-    passes = 2 if runtime.spec.scheduler.true_cfg > 1.0 else 1  # flux-tiny guides: two calls per step
-    assert result.schedule == [4] * STEPS
-    assert calls == {1: 0, 2: 0, 4: passes * STEPS}
+    result = runtime.generate(PROMPT, steps=STEPS, schedule=[4] * STEPS, progress=False, cfg=cfg)
+    assert result.schedule == [4] * STEPS and result.settings["cfg"] == cfg
+    assert calls == {1: 0, 2: 0, 4: per_step * STEPS}
 
 
 def test_explicit_schedule_is_followed_exactly(runtime, monkeypatch):
@@ -139,9 +140,10 @@ def _final_latent(runtime, monkeypatch, **kw) -> torch.Tensor:
     return seen[0]
 
 
-@pytest.mark.parametrize("true_cfg", [1.0, 3.0])
-def test_true_cfg_matches_the_torch_sampler(runtime, tiny_spec, tiny_parts, monkeypatch, true_cfg):
-    """The runtime's two-pass guidance (ONNX) against the recipe's batched one (torch, ``generate_latents``)."""
+@pytest.mark.parametrize("true_cfg, cfg", [(1.0, "batched"), (3.0, "batched"), (3.0, "two-pass")])
+def test_true_cfg_matches_the_torch_sampler(runtime, tiny_spec, tiny_parts, monkeypatch, true_cfg, cfg):
+    """The runtime's guidance (ONNX, batched or two-pass) against the recipe's batched one (torch,
+    ``generate_latents``)."""
     import dataclasses
 
     from ddit_export.train_data import encode_prompts, generate_latents
@@ -151,7 +153,7 @@ def test_true_cfg_matches_the_torch_sampler(runtime, tiny_spec, tiny_parts, monk
     empty = encode_prompts(tiny_parts, spec, [""], "cpu")
     h, w = spec.opt_size
     expected = generate_latents(tiny_parts, spec, t5, pooled, h, w, 4, 0, "cpu", False, empty)
-    got = _final_latent(runtime, monkeypatch, true_cfg=true_cfg)
+    got = _final_latent(runtime, monkeypatch, true_cfg=true_cfg, cfg=cfg)
     assert torch.allclose(got, expected, atol=2e-4 * float(expected.abs().max())), (got - expected).abs().max()
 
 
@@ -160,6 +162,14 @@ def test_true_cfg_changes_the_sample_and_reads_the_negative_prompt(runtime, monk
     on = _final_latent(runtime, monkeypatch, true_cfg=3.0)
     other = _final_latent(runtime, monkeypatch, true_cfg=3.0, negative_prompt="a blue square")
     assert (on - off).abs().max() > 1e-2 and (other - on).abs().max() > 1e-2
+
+
+def test_batched_and_two_pass_guidance_agree(runtime, monkeypatch):
+    batched = _final_latent(runtime, monkeypatch, true_cfg=3.0, cfg="batched")
+    two = _final_latent(runtime, monkeypatch, true_cfg=3.0, cfg="two-pass")
+    assert torch.allclose(batched, two, atol=1e-5 * float(two.abs().max())), (batched - two).abs().max()
+    with pytest.raises(DDiTError, match="unknown --cfg 'fancy'"):
+        runtime.generate(PROMPT, steps=2, cfg="fancy", progress=False)
 
 
 def test_true_cfg_below_one_is_refused(runtime):
@@ -246,8 +256,9 @@ def test_cli_json_and_png(tiny_engines, tmp_path):
 
 def test_cli_non_square_resolution_and_fixed_schedule(tiny_engines, tmp_path):
     out = tmp_path / "wide.png"
-    data = _run_json(tiny_engines, out, "--height", "128", "--width", "192", "--schedule", "2")
+    data = _run_json(tiny_engines, out, "--height", "128", "--width", "192", "--schedule", "2", "--cfg", "two-pass")
     assert data["schedule"] == [2] * STEPS and data["height"] == 128 and data["width"] == 192
+    assert data["cfg"] == "two-pass"
     png = Image.open(out)
     assert png.size == (192, 128)
     assert json.loads(png.text["schedule"]) == [2] * STEPS

@@ -115,9 +115,19 @@ def test_quantile_matches_torch_quantile(n, rho):
     torch.testing.assert_close(quantile(values, rho), torch.quantile(values, rho, interpolation="linear"))
 
 
-def test_patch_std_map_rejects_ragged_latent():
+@pytest.mark.parametrize("patches", [(4, 8), (8,), (2, 4, 8)])
+def test_ragged_latent_is_tiled_as_the_engines_pad_it(patches):
+    # Wan at 480x832: 60 latent rows; 4p tiles are 8 rows, so the engine replicate-pads to 64 (one token row more)
+    delta = torch.randn(1, 3, 2, 12, 20, generator=torch.Generator().manual_seed(3))
+    for patch, got in zip(patches, patch_std_maps(delta, patches), strict=True):
+        padded = torch.nn.functional.pad(delta, (0, (-20) % patch, 0, (-12) % patch, 0, 0), mode="replicate")
+        assert got.shape == (1, 2, -(-12 // patch), -(-20 // patch))
+        torch.testing.assert_close(got, reference_std_map(padded, patch))
+
+
+def test_patch_std_map_rejects_a_latent_without_spatial_dims():
     with pytest.raises(DDiTError, match="8x8"):
-        patch_std_map(torch.randn(1, 3, 12, 16), 8)
+        patch_std_map(torch.randn(12, 16), 8)
 
 
 @pytest.mark.parametrize("rho", [0.0, 0.4, 0.5, 0.93, 1.0])

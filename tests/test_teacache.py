@@ -148,11 +148,24 @@ def test_huge_threshold_computes_first_last_and_switches_only(runtime, monkeypat
     schedule = [1, 1, 1, 4, 4, 4, 2, 2]
     result = runtime.generate(PROMPT, steps=STEPS, seed=2, schedule=schedule, teacache=1e9, progress=False)
     assert result.computed == [True, False, False, True, False, False, True, True]
-    passes = 2 if runtime.spec.scheduler.true_cfg > 1.0 else 1  # flux-tiny guides: one accumulator per pass
-    assert calls["engine"] == 4 * passes and result.settings["teacache_forced_by_switch"] == 2
+    assert runtime.spec.scheduler.true_cfg > 1.0  # flux-tiny guides: one accumulator per pass, one batched call
+    assert calls["engine"] == 4 and result.settings["teacache_forced_by_switch"] == 2
     plain = runtime.generate(PROMPT, steps=STEPS, seed=2, schedule=schedule, progress=False)
     assert not torch.equal(result.image, plain.image)  # skipped steps reuse a stale residual
     assert result.image.float().std() > 0
+
+
+def test_two_pass_guidance_decides_per_pass(runtime, monkeypatch):
+    """Two calls per step, each pass's cache deciding for its own call; the batched call runs when either asks."""
+    calls = {"engine": 0}
+    for engine in runtime.engines.values():
+        run = engine.run
+        monkeypatch.setattr(
+            engine, "run", lambda i, o, run=run: (calls.__setitem__("engine", calls["engine"] + 1), run(i, o))
+        )
+    schedule = [1, 1, 1, 4, 4, 4, 2, 2]
+    two = runtime.generate(PROMPT, steps=STEPS, seed=2, schedule=schedule, teacache=1e9, cfg="two-pass", progress=False)
+    assert two.computed == [True, False, False, True, False, False, True, True] and calls["engine"] == 8
 
 
 def test_per_size_policy_reuses_the_native_residual_after_a_coarse_step(runtime):

@@ -48,6 +48,10 @@ def test_non_square_and_padded_sizes(runtime):
     """144 px rows give a latent of 18: the 4p engine pads to 24 and crops back."""
     result = runtime.generate(PROMPT, frames=5, height=144, width=192, steps=3, schedule=[4, 4, 4], progress=False)
     assert result.image.shape == (5, 3, 144, 192)
+    # The scheduler tiles the ragged latent as the engines pad it (it once refused: Wan at 480p, 60 rows, crashed
+    # at the first scheduled step).
+    auto = runtime.generate(PROMPT, frames=5, height=144, width=192, steps=5, tau=1e9, progress=False)
+    assert auto.schedule == [1, 1, 1, 4, 4] and auto.image.shape == (5, 3, 144, 192)
 
 
 def test_bad_frames_and_sizes(runtime):
