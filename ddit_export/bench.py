@@ -3,9 +3,10 @@
 On the same prompts and seeds it runs the native fixed schedule (the baseline), the fixed coarse schedules, DDiT at
 each tau preset, TeaCache alone, DDiT + TeaCache, and the baseline with fewer steps matched to the time of DDiT and of
 each DDiT + TeaCache threshold (the paper's step-reduction comparison). The methods run interleaved, each prompt
-through every method in turn, so that the machine's drift hits them alike. For each it reports step times per patch size against the FLOP-ideal ratios from the profile, end-to-end speedup, the
-scheduler's overhead, memory, and quality: PSNR/SSIM against the baseline's images, plus the shapes evaluator's
-score when the prompts are the built-in held-out captions (the embedded tiny models are trained on that grammar).
+through every method in turn, so that the machine's drift hits them alike. For each it reports step times per
+patch size against the FLOP-ideal ratios from the profile, end-to-end speedup, the scheduler's overhead, memory, and
+quality: PSNR/SSIM against the baseline's images, plus the shapes evaluator's score when the prompts are the
+built-in held-out captions (the embedded tiny models are trained on that grammar).
 """
 
 from __future__ import annotations
