@@ -220,6 +220,17 @@ class FluxRuntime:
                 for p, (t5, pooled) in enumerate(text)
             ]
         buffers = {k: self._buffers(k, passes, height, width) for k in self.sizes}
+        # Per call, once: its feeds, its rows of the velocity, of every size's buffers and of the caches.
+        lanes = [
+            (
+                feeds,
+                velocity[lane],
+                {k: {name: b[lane] for name, b in buffers[k].items()} for k in self.sizes},
+                None if caches is None else caches[lane],
+            )
+            for lane, feeds in calls
+        ]
+        cond, uncond = velocity[:1], velocity[1:]  # the prompt pass's row, and the negative's when guided
         scheduler = PatchScheduler(self.sizes, spec.native_patch, tau, rho, spec.scheduler.warmup)
         if schedule is None:
             scheduler.observe(latent)
@@ -230,20 +241,10 @@ class FluxRuntime:
             timestep.fill_(sigmas[i])
             if batched:
                 engine_latent.copy_(latent.expand_as(engine_latent))
-            ran = [
-                self._call(
-                    factor,
-                    i,
-                    feeds,
-                    velocity[lane],
-                    {name: b[lane] for name, b in buffers[factor].items()},
-                    None if caches is None else caches[lane],
-                )
-                for lane, feeds in calls
-            ]
+            ran = [self._call(factor, i, feeds, v, bufs[factor], cache) for feeds, v, bufs, cache in lanes]
             if passes == 2:  # in place, into the prompt pass's row
-                guided_velocity(velocity[:1], velocity[1:], true_cfg, out=velocity[:1])
-            latent.add_(velocity[:1], alpha=sigmas[i + 1] - sigmas[i])  # Euler: z += (sigma_next - sigma) * v
+                guided_velocity(cond, uncond, true_cfg, out=cond)
+            latent.add_(cond, alpha=sigmas[i + 1] - sigmas[i])  # Euler: z += (sigma_next - sigma) * v
             if schedule is None:
                 scheduler.observe(latent)
             if dev.type == "cuda":

@@ -138,13 +138,19 @@ def test_threshold_zero_is_the_plain_run(runtime):
     assert torch.equal(plain.image, cached.image)
 
 
-def test_huge_threshold_computes_first_last_and_switches_only(runtime, monkeypatch):
+def _count_engine_calls(runtime, monkeypatch) -> dict:
+    """Counts every transformer engine call (probes excluded) in ``calls["engine"]``."""
     calls = {"engine": 0}
     for engine in runtime.engines.values():
         run = engine.run
         monkeypatch.setattr(
             engine, "run", lambda i, o, run=run: (calls.__setitem__("engine", calls["engine"] + 1), run(i, o))
         )
+    return calls
+
+
+def test_huge_threshold_computes_first_last_and_switches_only(runtime, monkeypatch):
+    calls = _count_engine_calls(runtime, monkeypatch)
     schedule = [1, 1, 1, 4, 4, 4, 2, 2]
     result = runtime.generate(PROMPT, steps=STEPS, seed=2, schedule=schedule, teacache=1e9, progress=False)
     assert result.computed == [True, False, False, True, False, False, True, True]
@@ -157,12 +163,7 @@ def test_huge_threshold_computes_first_last_and_switches_only(runtime, monkeypat
 
 def test_two_pass_guidance_decides_per_pass(runtime, monkeypatch):
     """Two calls per step, each pass's cache deciding for its own call; the batched call runs when either asks."""
-    calls = {"engine": 0}
-    for engine in runtime.engines.values():
-        run = engine.run
-        monkeypatch.setattr(
-            engine, "run", lambda i, o, run=run: (calls.__setitem__("engine", calls["engine"] + 1), run(i, o))
-        )
+    calls = _count_engine_calls(runtime, monkeypatch)
     schedule = [1, 1, 1, 4, 4, 4, 2, 2]
     two = runtime.generate(PROMPT, steps=STEPS, seed=2, schedule=schedule, teacache=1e9, cfg="two-pass", progress=False)
     assert two.computed == [True, False, False, True, False, False, True, True] and calls["engine"] == 8
