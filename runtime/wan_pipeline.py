@@ -164,12 +164,14 @@ class WanRuntime:
             settings["teacache_reused_across_switch"] = caches[0].reused_across_switch
         return Generation(video, used, step_ms, time.perf_counter() - started, settings, computed)
 
-    def _residuals(self, passes: int, frames: int, height: int, width: int) -> dict[int, torch.Tensor]:
+    def _residuals(self, passes: int, frames: int, height: int, width: int, shared: bool) -> dict[int, torch.Tensor]:
         """Per size, the residual buffer [passes, F, rows_k, cols_k, D] (pass 0 conditional, 1 unconditional).
 
-        All sizes are views of one storage sized for the largest grid: a cached residual is only reused at the size
-        that wrote it (a switch forces a full step), so the sizes never need theirs at once. Empty for folders
-        exported before TeaCache (their engines have no residual output)."""
+        ``shared`` (no TeaCache, or its ``recompute`` switch policy): all sizes are views of one storage sized for
+        the largest grid. A cached residual is then only reused at the size that wrote it with no other size in
+        between (a switch forces a full step), so the sizes never need theirs at once. Under ``per-size`` a size's
+        residual must survive the steps run at other sizes, so each size gets its own. Empty for folders exported
+        before TeaCache (their engines have no residual output)."""
         if any("residual" not in self.engines[k].output_names for k in self.sizes):
             return {}
         dim = self.engines[self.sizes[0]].output_dim("residual")  # the model width, the same for every size
@@ -177,6 +179,8 @@ class WanRuntime:
             k: (passes, self.spec.latent_frames(frames), *self.spec.token_grid(k, height, width), dim)
             for k in self.sizes
         }
+        if not shared:
+            return {k: torch.zeros(shape, device=self.device) for k, shape in shapes.items()}
         storage = torch.zeros(max(math.prod(s) for s in shapes.values()), device=self.device)
         return {k: storage[: math.prod(s)].view(s) for k, s in shapes.items()}
 
@@ -225,7 +229,8 @@ class WanRuntime:
             if batched
             else [(slice(p, p + 1), t) for p, t in enumerate(text)]
         )
-        residuals = self._residuals(len(text), frames, height, width)
+        shared = not caches or not caches[0].per_size
+        residuals = self._residuals(len(text), frames, height, width, shared)
         signal = self._signal(len(text)) if caches else None
         scheduler = PatchScheduler(self.sizes, spec.native_patch, tau, rho, spec.scheduler.warmup)
         if schedule is None:

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from ddit_cli import bench_main
-from ddit_export.bench import builtin_prompts, markdown, run_bench
+from ddit_export.bench import Bench, Method, builtin_prompts, markdown, run_bench
 from ddit_profiles import get_profile
 
 
@@ -29,6 +29,24 @@ def test_builtin_prompts_alternate_simple_and_detailed_and_score_their_own_rende
     assert prompts[0].score(render(scene))["score"] == 1.0
     clips = builtin_prompts("wan", 2)
     assert "turning" in clips[0].text or "moving" in clips[0].text
+
+
+def test_step_reduction_matches_the_whole_generations_time():
+    """Encoding and decoding cost the same at any step count: a baseline of 3.0 s, 2.0 s of it 20 steps of
+    denoising, and a method taking 2.1 s in all leave room for (2.1 - 1.0) / 0.1 = 11 native steps, not the
+    20 * 2.1 / 3.0 = 14 a ratio of totals would give."""
+
+    class Runtime:
+        spec = get_profile("wan-tiny")
+
+    bench = Bench(Runtime(), [], seeds=1, steps=20, progress=False)
+    bench.tau = 0.006
+    base = Method("native", "baseline", {}, [dict(total_s=1.5, denoise_s=1.0)] * 2)
+    fast = Method("DDiT+TeaCache 0.4", "ddit+teacache", dict(tau=0.006, teacache=0.4), [dict(total_s=1.05)] * 2)
+    other_tau = Method("DDiT tau=0.012", "ddit", dict(tau=0.012), [dict(total_s=0.75)] * 2)
+    again, *fewer = bench.fewer_steps([base, fast, other_tau])
+    assert again.kind == "baseline" and again.options["schedule"] == [1] * 20
+    assert [(m.name, m.options["steps"]) for m in fewer] == [("native 11 steps (DDiT+TeaCache 0.4's time)", 11)]
 
 
 @pytest.fixture(scope="module")

@@ -210,3 +210,31 @@ def test_per_size_switch_policy_reuses_a_sizes_residual(runtime, cfg):
     assert result.computed == [True, False, True, False, False, True]  # step 4: back to 1p's residual
     assert result.settings["teacache_forced_by_switch"] == 1
     assert result.settings["teacache_reused_across_switch"] == 1
+
+
+@pytest.mark.parametrize("cfg", ["batched", "two-pass"])
+def test_per_size_keeps_each_sizes_residual_across_other_sizes_steps(runtime, cfg, monkeypatch):
+    """Back at 1p on step 4, the probe must read the residual 1p's blocks wrote on step 0, not one that the 2p step
+    in between overwrote (the sizes once shared one storage, which only the recompute policy allows)."""
+    written, read = [], []
+    for k in runtime.sizes:
+        engine, probe = runtime.engines[k], runtime._probe(k)
+
+        def engine_run(feeds, outputs, _run=engine.run, _k=k):
+            result = _run(feeds, outputs)
+            written.append((_k, outputs["residual"].clone()))
+            return result
+
+        def probe_run(feeds, outputs, _run=probe.run, _k=k):
+            read.append((_k, feeds["residual"].clone()))
+            return _run(feeds, outputs)
+
+        monkeypatch.setattr(engine, "run", engine_run)
+        monkeypatch.setattr(probe, "run", probe_run)
+    result = _generate(runtime, schedule=[1, 1, 2, 2, 1, 1], cfg=cfg, teacache=1e9, teacache_switch="per-size")
+    assert result.computed == [True, False, True, False, False, True]
+    calls = 2 if cfg == "two-pass" else 1  # engine and probe calls per step
+    step0 = torch.cat([r for _, r in written[:calls]])  # 1p's blocks on step 0, every pass
+    step4 = torch.cat([r for _, r in read[4 * calls : 5 * calls]])  # 1p's probe on step 4 (skipped)
+    assert [k for k, _ in read[4 * calls : 5 * calls]] == [1] * calls
+    assert step0.abs().max() > 0 and torch.equal(step4, step0)
