@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from ddit_runtime.manifest import peek_family
+from ddit_runtime import runtime_class
 
 PROMPT = "a red circle on a black background"
 
@@ -24,15 +24,10 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sizes", default=None, help="patch factors to time, each as a fixed schedule (default: all)")
     args = ap.parse_args(argv)
-    if peek_family(args.engines) == "wan":
-        from ddit_runtime.wan_pipeline import WanRuntime
-
-        runtime = WanRuntime(args.engines, provider="cpu")
+    runtime = runtime_class(args.engines)(args.engines, provider="cpu")
+    if runtime.spec.family == "wan":
         extra = dict(frames=args.frames)
     else:
-        from ddit_runtime.pipeline import FluxRuntime
-
-        runtime = FluxRuntime(args.engines, provider="cpu")
         extra = dict(true_cfg=max(runtime.spec.scheduler.true_cfg, 2.0))  # guided, whatever the profile's default
     sizes = [int(k) for k in args.sizes.split(",")] if args.sizes else runtime.sizes
     modes = ("batched", "two-pass")

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from ddit_export.bench import Bench, Method, builtin_prompts, markdown, write_json
-from ddit_runtime.manifest import peek_family
+from ddit_runtime import runtime_class
 
 
 def main(argv=None) -> int:
@@ -25,13 +25,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    family = peek_family(args.engines)
-    if family == "wan":
-        from ddit_runtime.wan_pipeline import WanRuntime as Runtime
-    else:
-        from ddit_runtime.pipeline import FluxRuntime as Runtime
-    runtime = Runtime(args.engines, provider="cpu")
-    bench = Bench(runtime, builtin_prompts(family, 1), seeds=1, steps=args.steps, progress=True)
+    runtime = runtime_class(args.engines)(args.engines, provider="cpu")
+    bench = Bench(runtime, builtin_prompts(runtime.spec.family, 1), seeds=1, steps=args.steps, progress=True)
     for _ in range(2):  # the first runs at large token counts are slow: warm every size up twice
         for k in runtime.sizes:
             bench._generate(bench.prompts[0], 0, dict(schedule=[k] * args.steps))

@@ -475,16 +475,11 @@ def run_bench(
     provider: str | None = None,
     progress: bool = True,
 ) -> dict:
-    from ddit_runtime.manifest import peek_family
+    from ddit_runtime import runtime_class
 
-    family = peek_family(engines)
-    if family == "wan":
-        from ddit_runtime.wan_pipeline import WanRuntime as Runtime
-    else:
-        from ddit_runtime.pipeline import FluxRuntime as Runtime
     if seeds < 1 or count < 1:
         raise DDiTError("--seeds and --count must be at least 1")
-    runtime = Runtime(engines, backend=backend, provider=provider)
+    runtime = runtime_class(engines)(engines, backend=backend, provider=provider)
     if progress:
         print(f"{runtime.backend}; {runtime.loader.resident}", file=sys.stderr, flush=True)
     prompts = read_prompt_file(prompts_file) if prompts_file else builtin_prompts(runtime.spec.family, count)
