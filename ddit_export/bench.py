@@ -102,13 +102,15 @@ def _psnr_mean(xs) -> float:
 
 
 def scheduler_step_ms(scheduler, latent: torch.Tensor, reps: int) -> float:
-    """Median ms of one scheduler update (``observe`` + ``next_factor``) on ``latent``, over ``reps`` updates."""
+    """Median ms of one scheduler update (``observe`` + ``next_factor``) on ``latent``, over ``reps`` updates, under
+    ``torch.inference_mode`` as the runtimes' ``generate`` runs it."""
     times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        scheduler.observe(latent)
-        scheduler.next_factor()
-        times.append((time.perf_counter() - t0) * 1000)
+    with torch.inference_mode():
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            scheduler.observe(latent)
+            scheduler.next_factor()
+            times.append((time.perf_counter() - t0) * 1000)
     return _median(times)
 
 
@@ -341,6 +343,10 @@ class Bench:
                 row["flop_ideal"] = self._flops(1) / flops
                 row["efficiency"] = row["ratio"] / row["flop_ideal"]
         native_ms = per_size[1]["fixed_step_ms"]
+        # In the loop the scheduler costs more than alone (its torch ops also delay the next engine call), so the
+        # overhead is also read off the runs themselves: the median DDiT step at the native size less the median
+        # fixed-schedule native step, measured interleaved. NaN when no DDiT run stayed native for a step.
+        in_loop = per_size[1]["ddit_step_ms"] - native_ms
         rows = []
         for m in self.done:
             total = sum(r["total_s"] for r in m.runs)
@@ -383,6 +389,8 @@ class Bench:
             per_size=per_size,
             scheduler_overhead_ms=overhead,
             scheduler_overhead_pct=100 * overhead / native_ms,
+            scheduler_in_loop_ms=in_loop,
+            scheduler_in_loop_pct=100 * in_loop / native_ms,
             methods=rows,
         )
 
@@ -409,7 +417,16 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         f"scheduler overhead: {report['scheduler_overhead_ms']:.3f} ms per step = "
-        f"{report['scheduler_overhead_pct']:.2f}% of a native step (runtime step = fixed-schedule step + this)",
+        f"{report['scheduler_overhead_pct']:.2f}% of a native step, timed alone (runtime step = fixed-schedule step "
+        "+ this)",
+    ]
+    in_loop = report.get("scheduler_in_loop_ms", float("nan"))
+    if in_loop == in_loop:
+        lines.append(
+            f"in the loop: a DDiT step at 1p takes {in_loop:.3f} ms more than a fixed-schedule 1p step (medians) = "
+            f"{report['scheduler_in_loop_pct']:.2f}% of a native step"
+        )
+    lines += [
         "",
         "| method | speedup | s / image | steps run (computed) | switches forced / reused | coarse | score | SSIM "
         "| PSNR dB | RSS MiB |",

@@ -58,6 +58,7 @@ def export_onnx(
             ) from e
         if not keep_metadata:
             drop_exporter_metadata(program.model)
+        fusable_forms(program.model)
         program.save(str(path), external_data=external)
     return graph_files(path)
 
@@ -78,6 +79,73 @@ def drop_exporter_metadata(model) -> int:
                 del node.metadata_props[k]
             removed += len(keys)
     return removed
+
+
+def _scalar(value, expected: float) -> bool:
+    """Whether ``value`` (an ``onnx_ir`` value) is a one-element constant equal to ``expected``."""
+    tensor = value.const_value if value is not None else None
+    if tensor is None:
+        return False
+    array = tensor.numpy()
+    return array.size == 1 and float(array.reshape(())) == expected
+
+
+def _only_use(value) -> object | None:
+    """The one node that reads ``value``, or None when it has several readers or is a graph output."""
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    return uses[0][0]
+
+
+def fusable_forms(model) -> dict[str, int]:
+    """Rewrite two exported patterns into the forms ONNX Runtime's graph optimiser fuses; return the counts.
+
+    torch's decompositions reach the graph in orders that ORT's fusions do not match, so every RMSNorm (FLUX's
+    and Wan's q/k norms, T5's layer norm) and every tanh GELU ran as 7-10 separate kernels:
+
+    - ``Mul(x, Reciprocal(y))`` (RMSNorm's ``x * rsqrt(var + eps)``) -> ``Div(x, y)``, which ORT fuses into
+      ``SimplifiedLayerNormalization`` (within one ulp of the original).
+    - ``Mul(Mul(Add(Tanh(...), 1), 0.5), x)`` (the tanh GELU as exported) -> ``Mul(Add(Tanh(...), 1), Mul(x, 0.5))``,
+      the order ORT's ``FastGeluFusion`` matches (bitwise equal: a product with 0.5 is exact).
+
+    Both stay standard ONNX ops, so a TensorRT build reads the same graph. Measured on the tiny FLUX engines (ORT
+    1.32, 2 CPU threads, batch 2 at 256x256): 898 -> 718 nodes after ORT's optimiser, and 15-20% less time per
+    call at every patch size.
+    """
+    counts = {"rmsnorm": 0, "gelu": 0}
+    for graph in [model.graph, *model.functions.values()]:
+        for node in list(graph.all_nodes()):
+            if node.op_type == "Mul" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
+                for i, value in enumerate(node.inputs):
+                    recip = value.producer() if value is not None else None
+                    if recip is None or recip.op_type != "Reciprocal" or _only_use(value) is not node:
+                        continue
+                    other = node.inputs[1 - i]
+                    node.op_type = "Div"
+                    node.replace_input_with(0, other)
+                    node.replace_input_with(1, recip.inputs[0])
+                    recip.graph.remove(recip, safe=True)
+                    counts["rmsnorm"] += 1
+                    break
+            if node.op_type == "Tanh":
+                add = _only_use(node.outputs[0])
+                if add is None or add.op_type != "Add" or not any(_scalar(v, 1.0) for v in add.inputs):
+                    continue
+                half = _only_use(add.outputs[0])
+                if half is None or half.op_type != "Mul" or not any(_scalar(v, 0.5) for v in half.inputs):
+                    continue
+                outer = _only_use(half.outputs[0])
+                if outer is None or outer.op_type != "Mul":
+                    continue
+                x = outer.inputs[1] if outer.inputs[0] is half.outputs[0] else outer.inputs[0]
+                const = next(v for v in half.inputs if _scalar(v, 0.5))
+                half.replace_input_with(0, x)
+                half.replace_input_with(1, const)
+                outer.replace_input_with(0, add.outputs[0])
+                outer.replace_input_with(1, half.outputs[0])
+                counts["gelu"] += 1
+    return counts
 
 
 def graph_files(path: Path) -> list[Path]:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ddit_profiles import DDiTError
 
 from .backends import backend_from_provider, open_transformers
-from .engine import OrtEngine, teacache_probe
+from .engine import OrtEngine, loop_threads, teacache_probe
 from .guidance import CFG_MODES, guided_velocity
 from .manifest import Manifest, load_manifest
 from .scheduler import PatchScheduler
@@ -91,6 +91,7 @@ class FluxRuntime:
         image = self.vae(latent=scaled)[0]
         return ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
+    @torch.inference_mode()  # no autograd bookkeeping: every small torch op of the loop costs less
     def generate(
         self,
         prompt: str,
@@ -145,9 +146,10 @@ class FluxRuntime:
                 self._probe(k)  # fail before any work when the folder has no probes
         started = time.perf_counter()
         text = [self.encode(prompt)] + ([self.encode(negative_prompt, negative=True)] if guided else [])
-        latent, step_ms, used, computed = self._denoise(
-            text, height, width, steps, seed, guidance, true_cfg, tau, rho, schedule, cfg, caches, progress
-        )
+        with loop_threads(self.device):
+            latent, step_ms, used, computed = self._denoise(
+                text, height, width, steps, seed, guidance, true_cfg, tau, rho, schedule, cfg, caches, progress
+            )
         image = self.decode(latent)
         settings = dict(
             prompt=prompt,

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ddit_profiles import DDiTError
 
 from .backends import backend_from_provider, open_transformers
-from .engine import OrtEngine, teacache_probe
+from .engine import OrtEngine, loop_threads, teacache_probe
 from .guidance import CFG_MODES, guided_velocity
 from .manifest import load_manifest
 from .pipeline import Generation
@@ -89,6 +89,7 @@ class WanRuntime:
         video = torch.cat(videos, dim=2)[0]  # [3, F, H, W]
         return ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 0, 2, 3).cpu()
 
+    @torch.inference_mode()  # no autograd bookkeeping: every small torch op of the loop costs less
     def generate(
         self,
         prompt: str,
@@ -137,9 +138,10 @@ class WanRuntime:
                 self._probe(k)  # fail before any work when the folder has no probes
         started = time.perf_counter()
         text = [self.encode(prompt)] + ([self.encode(negative)] if scale > 1.0 else [])
-        latent, step_ms, used, computed = self._denoise(
-            text, (frames, height, width), steps, seed, scale, tau, rho, schedule, cfg, caches, progress
-        )
+        with loop_threads(self.device):
+            latent, step_ms, used, computed = self._denoise(
+                text, (frames, height, width), steps, seed, scale, tau, rho, schedule, cfg, caches, progress
+            )
         video = self.decode(latent)
         settings = dict(
             prompt=prompt,

@@ -100,6 +100,8 @@ def test_per_size_rows_are_consistent(report):
         assert row["bare_ms"] > 0 and row["efficiency"] == pytest.approx(row["ratio"] / row["flop_ideal"])
     assert sizes[4]["flop_ideal"] > sizes[2]["flop_ideal"] > 1
     assert report["scheduler_overhead_ms"] > 0
+    in_loop = sizes[1]["ddit_step_ms"] - sizes[1]["fixed_step_ms"]  # NaN when the report's DDiT runs had no 1p step
+    assert report["scheduler_in_loop_ms"] == pytest.approx(in_loop, nan_ok=True)
     table = markdown(report)
     assert "| 4p |" in table and "DDiT+TeaCache" in table
 

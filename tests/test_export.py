@@ -132,6 +132,47 @@ def test_graphs_carry_no_exporter_metadata(tiny_engines, tmp_path):
         assert ("pkg.torch.onnx.name_scopes" in keys) == keep, keys
 
 
+def _ort_optimised_ops(path, tmp_path) -> dict:
+    """Op counts of the graph at ``path`` after ONNX Runtime's CPU optimiser (what a runtime session executes)."""
+    import collections
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / f"optimised_{path.name}")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+
+
+def test_rmsnorm_and_tanh_gelu_reach_ort_in_forms_it_fuses(tmp_path):
+    """Exported as torch decomposes them, RMSNorm and the tanh GELU ran as 7-10 kernels each; ``fusable_forms``
+    rewrites them so ORT fuses each into one, and the graph still matches torch."""
+    from diffusers.models.normalization import RMSNorm
+
+    net = torch.nn.Sequential(
+        RMSNorm(32, eps=1e-6), torch.nn.Linear(32, 64), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(64, 8)
+    ).eval()
+    x = torch.randn(2, 5, 32)
+    path = tmp_path / "net.onnx"
+    export_onnx(net, (x,), ("x",), ("y",), None, path, 18)
+    ops = _ort_optimised_ops(path, tmp_path)
+    assert ops["SimplifiedLayerNormalization"] == 1 and ops["Reciprocal"] == 0, ops
+    assert ops["FastGelu"] + ops["BiasGelu"] + ops["Gelu"] == 1 and ops["Tanh"] == 0, ops
+    with torch.no_grad():
+        expected = net(x)
+    torch.testing.assert_close(_run(path, {"x": x}), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_shipped_graphs_fuse_every_rmsnorm_and_gelu(tiny_engines, tmp_path):
+    """The tiny FLUX transformers: every q/k RMSNorm (18) and every tanh GELU (9) fused by ORT at load."""
+    for k in (1, 2, 4):
+        ops = _ort_optimised_ops(tiny_engines / f"transformer_k{k}.onnx", tmp_path)
+        assert ops["SimplifiedLayerNormalization"] == 18 and ops["Reciprocal"] == 0, (k, ops)
+        assert ops["FastGelu"] == 9 and ops["Tanh"] == 0, (k, ops)
+
+
 def test_float64_check_can_fail(tmp_path):
     node = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.DOUBLE)
     graph = helper.make_graph(

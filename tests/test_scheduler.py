@@ -198,6 +198,22 @@ def test_scheduler_native_only_always_one():
     assert run_scheduler(PatchScheduler((1,), NATIVE, TAU, RHO), zs) == [1] * 8
 
 
+@pytest.mark.parametrize("factors", [FACTORS, (1, 2), (1, 4), (4, 1, 2)])
+def test_scheduler_picks_as_choose_factor_does(factors):
+    """next_factor compares the sigmas on the host; choose_factor on the device. They agree on D3s from smooth to
+    rough, where every factor gets picked."""
+    gen = torch.Generator().manual_seed(11)
+    picked = set()
+    for scale, noise in [(a, b) for a in torch.logspace(-5, -1, 13).tolist() for b in (1e-5, 3e-4, 1e-3, 1e-2)]:
+        d3 = blocky((1, 4, 16, 16), 4, seed=len(picked)) * scale + torch.randn(1, 4, 16, 16, generator=gen) * noise
+        zs = trajectory(d3)
+        sched = PatchScheduler(factors, NATIVE, TAU, RHO, warmup=0)
+        got = run_scheduler(sched, zs)[-1]
+        assert got == choose_factor(third_difference(*zs), factors, NATIVE, TAU, RHO).item(), scale
+        picked.add(got)
+    assert picked == set(factors), picked
+
+
 def test_scheduler_history_is_bounded():
     sched = PatchScheduler(FACTORS, NATIVE, TAU, RHO)
     run_scheduler(sched, trajectory(torch.zeros(1, 4, 16, 16), steps=10))
