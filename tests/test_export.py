@@ -8,7 +8,7 @@ import torch
 from conftest import random_adapters
 from onnx import TensorProto, helper
 
-from ddit_export import flux_export
+from ddit_export import flux_export, onnx_io
 from ddit_export.flux_export import export_flux
 from ddit_export.flux_model import FluxEngine, size_variant
 from ddit_export.loading import load_flux, with_vae_normalisation
@@ -146,17 +146,22 @@ def _ort_optimised_ops(path, tmp_path) -> dict:
     return collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
 
 
-def test_rmsnorm_and_tanh_gelu_reach_ort_in_forms_it_fuses(tmp_path):
+@pytest.mark.parametrize("external", [False, True])
+def test_rmsnorm_and_tanh_gelu_reach_ort_in_forms_it_fuses(tmp_path, monkeypatch, external):
     """Exported as torch decomposes them, RMSNorm and the tanh GELU ran as 7-10 kernels each; ``fusable_forms``
-    rewrites them so ORT fuses each into one, and the graph still matches torch."""
+    rewrites them so ORT fuses each into one, and the graph still matches torch (also when the weights are saved
+    as external data, as real-width graphs are)."""
     from diffusers.models.normalization import RMSNorm
 
+    if external:
+        monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_BYTES", 0)
     net = torch.nn.Sequential(
         RMSNorm(32, eps=1e-6), torch.nn.Linear(32, 64), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(64, 8)
     ).eval()
     x = torch.randn(2, 5, 32)
     path = tmp_path / "net.onnx"
-    export_onnx(net, (x,), ("x",), ("y",), None, path, 18)
+    files = export_onnx(net, (x,), ("x",), ("y",), None, path, 18)
+    assert len(files) == (2 if external else 1), files
     ops = _ort_optimised_ops(path, tmp_path)
     assert ops["SimplifiedLayerNormalization"] == 1 and ops["Reciprocal"] == 0, ops
     assert ops["FastGelu"] + ops["BiasGelu"] + ops["Gelu"] == 1 and ops["Tanh"] == 0, ops
