@@ -67,17 +67,24 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 @torch.no_grad()
-def encode_prompts(parts: dict, spec: FluxSpec, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """prompts -> (T5 states [N, T, D], pooled CLIP [N, P]), tokenised as diffusers' FluxPipeline does."""
-    tok = parts["tokenizer"](
-        prompts, padding="max_length", max_length=spec.clip_max_length, truncation=True, return_tensors="pt"
-    )
-    tok2 = parts["tokenizer_2"](
-        prompts, padding="max_length", max_length=spec.t5_max_length, truncation=True, return_tensors="pt"
-    )
-    pooled = parts["text_encoder"].to(device)(input_ids=tok.input_ids.to(device)).pooler_output
-    t5 = parts["text_encoder_2"].to(device)(input_ids=tok2.input_ids.to(device)).last_hidden_state
-    return t5.float().cpu(), pooled.float().cpu()
+def encode_prompts(
+    parts: dict, spec: FluxSpec, prompts: list[str], device, chunk: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompts -> (T5 states [N, T, D], pooled CLIP [N, P]), tokenised as diffusers' FluxPipeline does, ``chunk``
+    prompts per encoder call: T5-XXL's activations for a thousand prompts at 512 tokens would not fit a GPU."""
+    clip, t5_encoder = parts["text_encoder"].to(device), parts["text_encoder_2"].to(device)
+    t5, pooled = [], []
+    for start in range(0, len(prompts), chunk):
+        batch = prompts[start : start + chunk]
+        tok = parts["tokenizer"](
+            batch, padding="max_length", max_length=spec.clip_max_length, truncation=True, return_tensors="pt"
+        )
+        tok2 = parts["tokenizer_2"](
+            batch, padding="max_length", max_length=spec.t5_max_length, truncation=True, return_tensors="pt"
+        )
+        pooled.append(clip(input_ids=tok.input_ids.to(device)).pooler_output.float().cpu())
+        t5.append(t5_encoder(input_ids=tok2.input_ids.to(device)).last_hidden_state.float().cpu())
+    return torch.cat(t5), torch.cat(pooled)
 
 
 @torch.no_grad()
@@ -248,6 +255,8 @@ def build_flux_data(parts, spec: FluxSpec, source: dict, cfg, device, progress: 
     prompts = image_captions(images) if images else source["prompts"]
     t5, pooled = encode_prompts(parts, spec, prompts, device)
     empty = encode_prompts(parts, spec, [""], device) if spec.scheduler.true_cfg > 1.0 else None
+    for name in ("text_encoder", "text_encoder_2"):  # T5-XXL is about 19 GB in fp32: off the accelerator now
+        parts[name].to("cpu")
     if images:
         latent = encode_images(parts, spec, images, cfg.height, cfg.width, device)
     else:

@@ -221,3 +221,19 @@ def test_guided_profiles_train_on_guided_samples_paired_with_the_empty_prompt(ti
     off = dataclasses.replace(tiny_spec, scheduler=dataclasses.replace(tiny_spec.scheduler, true_cfg=1.0))
     plain = build_flux_data(parts, off, source, cfg, "cpu", False)
     assert plain["latent"].shape[0] == 2 and not torch.allclose(plain["latent"], data["latent"][0::2])
+
+
+def test_prompts_are_encoded_in_chunks_as_in_one_batch(tiny_spec):
+    """T5 and CLIP run ``chunk`` prompts at a time (a real T5-XXL cannot take a thousand prompts in one call); the
+    states are those of one batch, in order."""
+    from ddit_export.loading import load_flux
+    from ddit_export.train_data import encode_prompts
+
+    parts = load_flux("random", tiny_spec)
+    prompts = ["a red circle", "two blue squares", "", "a yellow star above a green triangle", "a black moon"]
+    whole = encode_prompts(parts, tiny_spec, prompts, "cpu", chunk=len(prompts))
+    chunked = encode_prompts(parts, tiny_spec, prompts, "cpu", chunk=2)
+    for a, b in zip(whole, chunked, strict=True):
+        assert a.shape[0] == len(prompts)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(chunked[0][0], chunked[0][1])  # distinct prompts, distinct states
