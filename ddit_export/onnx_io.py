@@ -98,6 +98,13 @@ def _only_use(value) -> object | None:
     return uses[0][0]
 
 
+def _feeds(value, node, depth: int) -> bool:
+    """Whether ``value`` is an input of ``node`` or of one of its producers, at most ``depth`` nodes up."""
+    if depth < 0 or node is None:
+        return False
+    return any(v is value or (v is not None and _feeds(value, v.producer(), depth - 1)) for v in node.inputs)
+
+
 def fusable_forms(model) -> dict[str, int]:
     """Rewrite two exported patterns into the forms ONNX Runtime's graph optimiser fuses; return the counts.
 
@@ -110,8 +117,9 @@ def fusable_forms(model) -> dict[str, int]:
       the order ORT's ``FastGeluFusion`` matches (bitwise equal: a product with 0.5 is exact).
 
     Both stay standard ONNX ops, so a TensorRT build reads the same graph. Measured on the tiny FLUX engines (ORT
-    1.32, 2 CPU threads, batch 2 at 256x256): 898 -> 718 nodes after ORT's optimiser, and 15-20% less time per
-    call at every patch size.
+    1.32, 2 CPU threads, batch 2 at 256x256): 898 -> 718 nodes after ORT's optimiser, and calls 13-18% faster at
+    1p and 2p, 4-12% at 4p. At FLUX.1-dev widths the fused GELU and RMSNorm run 3.7x and 2.3x faster than their
+    unfused graphs, and a whole native step 3%.
     """
     counts = {"rmsnorm": 0, "gelu": 0}
     for graph in [model.graph, *model.functions.values()]:
@@ -139,6 +147,8 @@ def fusable_forms(model) -> dict[str, int]:
                 if outer is None or outer.op_type != "Mul":
                     continue
                 x = outer.inputs[1] if outer.inputs[0] is half.outputs[0] else outer.inputs[0]
+                if not _feeds(x, node, depth=6):  # a GELU's tanh argument is computed from x; else leave it
+                    continue
                 const = next(v for v in half.inputs if _scalar(v, 0.5))
                 half.replace_input_with(0, x)
                 half.replace_input_with(1, const)

@@ -355,3 +355,19 @@ def test_unclamped_decode_is_decode_before_its_clamp(wan_parts):
     assert raw.shape == ref.shape == (1, 3, 5, 32, 32)
     torch.testing.assert_close(raw.clamp(-1, 1), ref)
     assert raw.abs().max() > 1  # the clamp matters
+
+
+def test_wan_graphs_fuse_every_rmsnorm_and_gelu(wan_engines, tmp_path):
+    """The tiny Wan's transformers: ORT fuses every q/k RMSNorm and tanh GELU (``onnx_io.fusable_forms``)."""
+    import collections
+
+    import onnxruntime as ort
+
+    for k in (1, 2, 4):
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.optimized_model_filepath = str(tmp_path / f"optimised_k{k}.onnx")
+        ort.InferenceSession(str(wan_engines / f"transformer_k{k}.onnx"), opts, providers=["CPUExecutionProvider"])
+        ops = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+        assert ops["SimplifiedLayerNormalization"] > 0 and ops["Reciprocal"] == 0, (k, ops)
+        assert ops["FastGelu"] > 0 and ops["Tanh"] == 0, (k, ops)
