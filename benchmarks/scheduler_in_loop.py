@@ -8,7 +8,7 @@ For each prompt and repeat, interleaved: a fixed native run and a DDiT run (the 
 thread setting. Native steps of the DDiT runs are split into warm-up steps (the scheduler has fewer than four
 latents and does nothing), steps after a native step (the scheduler's cost in the loop) and steps after a coarse
 step (the scheduler plus the switch back to the native engine). The first repeat is a warm-up and is not counted;
-so are the first 4 steps of the fixed runs.
+so are the first 4 (``HISTORY``) steps of the fixed runs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 import ddit_runtime.engine as engine
 from ddit_export.bench import builtin_prompts
 from ddit_runtime import runtime_class
+from ddit_runtime.scheduler import HISTORY
 
 SETTINGS = {"1 thread (runtime)": 1, f"torch default ({torch.get_num_threads()})": None}
 
@@ -44,12 +45,12 @@ def main(argv=None) -> None:
                 ddit = runtime.generate(prompt.text, seed=i, progress=False)
                 if rep == 0:
                     continue
-                times[name]["fixed"] += fixed.step_ms[4:]
+                times[name]["fixed"] += fixed.step_ms[HISTORY:]
                 coarse[name].append(sum(k > 1 for k in ddit.schedule) / steps)
                 for s in range(1, steps):
                     if ddit.schedule[s] != 1:
                         continue
-                    kind = "warm-up" if s < 4 else "after 1p" if ddit.schedule[s - 1] == 1 else "after coarse"
+                    kind = "warm-up" if s < HISTORY else "after 1p" if ddit.schedule[s - 1] == 1 else "after coarse"
                     times[name][kind].append(ddit.step_ms[s])
     engine.LOOP_THREADS = 1
     print(f"{runtime.spec.name}: native steps (median ms; n), {args.prompts} prompts x {args.repeats - 1} repeats")

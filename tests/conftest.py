@@ -80,3 +80,18 @@ def wan_engines(tmp_path_factory, wan_spec):
     out = tmp_path_factory.mktemp("wan") / "engines"
     export_wan("tiny", wan_spec, [1, 2, 4], out, adapters_path="none", progress=False)
     return out
+
+
+def ort_optimised_ops(path, tmp_path) -> dict:
+    """Op counts of the graph at ``path`` after ONNX Runtime's CPU optimiser (what a runtime session executes)."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / f"optimised_{path.name}")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)

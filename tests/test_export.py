@@ -5,7 +5,7 @@ import json
 import onnx
 import pytest
 import torch
-from conftest import random_adapters
+from conftest import ort_optimised_ops, random_adapters
 from onnx import TensorProto, helper
 
 from ddit_export import flux_export, onnx_io
@@ -132,20 +132,6 @@ def test_graphs_carry_no_exporter_metadata(tiny_engines, tmp_path):
         assert ("pkg.torch.onnx.name_scopes" in keys) == keep, keys
 
 
-def _ort_optimised_ops(path, tmp_path) -> dict:
-    """Op counts of the graph at ``path`` after ONNX Runtime's CPU optimiser (what a runtime session executes)."""
-    import collections
-
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.optimized_model_filepath = str(tmp_path / f"optimised_{path.name}")
-    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
-
-
 @pytest.mark.parametrize("external", [False, True])
 def test_rmsnorm_and_tanh_gelu_reach_ort_in_forms_it_fuses(tmp_path, monkeypatch, external):
     """Exported as torch decomposes them, RMSNorm and the tanh GELU ran as 7-10 kernels each; ``fusable_forms``
@@ -162,7 +148,7 @@ def test_rmsnorm_and_tanh_gelu_reach_ort_in_forms_it_fuses(tmp_path, monkeypatch
     path = tmp_path / "net.onnx"
     files = export_onnx(net, (x,), ("x",), ("y",), None, path, 18)
     assert len(files) == (2 if external else 1), files
-    ops = _ort_optimised_ops(path, tmp_path)
+    ops = ort_optimised_ops(path, tmp_path)
     assert ops["SimplifiedLayerNormalization"] == 1 and ops["Reciprocal"] == 0, ops
     assert ops["FastGelu"] + ops["BiasGelu"] + ops["Gelu"] == 1 and ops["Tanh"] == 0, ops
     with torch.no_grad():
@@ -173,7 +159,7 @@ def test_rmsnorm_and_tanh_gelu_reach_ort_in_forms_it_fuses(tmp_path, monkeypatch
 def test_shipped_graphs_fuse_every_rmsnorm_and_gelu(tiny_engines, tmp_path):
     """The tiny FLUX transformers: every q/k RMSNorm (18) and every tanh GELU (9) fused by ORT at load."""
     for k in (1, 2, 4):
-        ops = _ort_optimised_ops(tiny_engines / f"transformer_k{k}.onnx", tmp_path)
+        ops = ort_optimised_ops(tiny_engines / f"transformer_k{k}.onnx", tmp_path)
         assert ops["SimplifiedLayerNormalization"] == 18 and ops["Reciprocal"] == 0, (k, ops)
         assert ops["FastGelu"] == 9 and ops["Tanh"] == 0, (k, ops)
 

@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_adapters
+from conftest import ort_optimised_ops, random_adapters
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from onnx import TensorProto, helper
 
@@ -359,15 +359,7 @@ def test_unclamped_decode_is_decode_before_its_clamp(wan_parts):
 
 def test_wan_graphs_fuse_every_rmsnorm_and_gelu(wan_engines, tmp_path):
     """The tiny Wan's transformers: ORT fuses every q/k RMSNorm and tanh GELU (``onnx_io.fusable_forms``)."""
-    import collections
-
-    import onnxruntime as ort
-
     for k in (1, 2, 4):
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.optimized_model_filepath = str(tmp_path / f"optimised_k{k}.onnx")
-        ort.InferenceSession(str(wan_engines / f"transformer_k{k}.onnx"), opts, providers=["CPUExecutionProvider"])
-        ops = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+        ops = ort_optimised_ops(wan_engines / f"transformer_k{k}.onnx", tmp_path)
         assert ops["SimplifiedLayerNormalization"] > 0 and ops["Reciprocal"] == 0, (k, ops)
         assert ops["FastGelu"] > 0 and ops["Tanh"] == 0, (k, ops)
