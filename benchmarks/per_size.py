@@ -1,6 +1,6 @@
 """Per-size step ratios of the runtime against the bare engine call and the FLOP-ideal, in one run.
 
-    python benchmarks/per_size.py ENGINES_DIR [--steps 4] [--json OUT]
+    python benchmarks/per_size.py ENGINES_DIR [--steps 4] [--rounds 1] [--json OUT]
 
 The lean part of ``ddit-bench``: the fixed native, 2p and 4p schedules through the whole runtime step (scheduler
 cost added, engine call with its in-graph patchify, Euler update), the bare engine call per size, and the
@@ -8,6 +8,10 @@ profile's analytic FLOP ratio. It loads no TeaCache probes and runs no DDiT swee
 the full ``ddit-bench``: on ``flux-dev-shape`` at 1024x1024 it peaked at 22.0 GB resident (2026-11-23, with the
 runtime's shared CPU arena; before it, 24.3 GB and OOM-killed), and took 7 minutes on 2 cores. Wan engines
 (``wan-1.3b-shape``) run at the profile's opt frame count and size, with their guidance batched.
+
+Everything is interleaved: each of ``--rounds`` rounds (a seed each) runs the native, 2p and 4p generations in
+turn, and the bare calls go round-robin over the sizes. At real widths a native call takes 10-15 s here, so drift
+over a minute would otherwise land in one size's median and not the others'.
 """
 
 from __future__ import annotations
@@ -22,14 +26,16 @@ from ddit_runtime import runtime_class
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("engines")
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=4, help="steps per generation (default 4)")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds, one seed each (default 1)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     runtime = runtime_class(args.engines)(args.engines, provider="cpu")
-    bench = Bench(runtime, builtin_prompts(runtime.spec.family, 1), seeds=1, steps=args.steps, progress=True)
-    for _ in range(2):  # the first runs at large token counts are slow: warm every size up twice
+    bench = Bench(runtime, builtin_prompts(runtime.spec.family, 1), seeds=args.rounds, steps=args.steps, progress=True)
+    warm = min(args.steps, 2)
+    for _ in range(2):  # the first runs at large token counts are slow: warm every size up (4 calls each)
         for k in runtime.sizes:
-            bench._generate(bench.prompts[0], 0, dict(schedule=[k] * args.steps))
+            bench._generate(bench.prompts[0], 0, dict(steps=warm, schedule=[k] * warm))
     methods = [Method("native", "baseline", dict(schedule=[1] * args.steps))]
     methods += [Method(f"fixed {k}p", "fixed", dict(schedule=[k] * args.steps)) for k in runtime.sizes if k > 1]
     bench.done = bench.run_methods(methods)  # interleaved per step count: drift hits every size alike

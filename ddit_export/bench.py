@@ -271,7 +271,7 @@ class Bench:
     def bare_engine_ms(self, reps: int = 10) -> dict[int, float]:
         """Median ms of one bare engine call per size at the batch the runtime's step uses (IOBinding on
         preallocated buffers, nothing else)."""
-        spec, dev, out, b = self.spec, self.runtime.device, {}, self.call_batch
+        spec, dev, b = self.spec, self.runtime.device, self.call_batch
         lh, lw = spec.latent_hw(self.height, self.width)
         if self.family == "wan":
             frames = spec.latent_frames(spec.opt_frames)
@@ -290,21 +290,25 @@ class Bench:
         if self.family == "flux":
             feeds["guidance"] = torch.full((b,), spec.scheduler.guidance, device=dev)
             feeds["pooled_projections"] = torch.randn(b, spec.pooled_dim, device=dev)
+        bound = {}
         for k, engine in self.runtime.engines.items():
             outputs = {"velocity": torch.empty_like(latent)}
             if "residual" in engine.output_names:
                 rows, cols = spec.token_grid(k, self.height, self.width)
                 outputs["residual"] = torch.empty(b, *grid, rows, cols, engine.output_dim("residual"), device=dev)
             engine.run(feeds, outputs)
-            times = []
-            for _ in range(reps):
+            bound[k] = (engine, outputs)
+        # Round-robin over the sizes (1p, 2p, 4p, 1p, ...), not every call of one size then the next: at real
+        # widths the native calls alone take minutes, and drift over them would land in the ratios.
+        times: dict[int, list[float]] = {k: [] for k in bound}
+        for _ in range(reps):
+            for k, (engine, outputs) in bound.items():
                 t0 = time.perf_counter()
                 engine.run(feeds, outputs)
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
-                times.append((time.perf_counter() - t0) * 1000)
-            out[k] = _median(times)
-        return out
+                times[k].append((time.perf_counter() - t0) * 1000)
+        return {k: _median(ts) for k, ts in times.items()}
 
     def _flops(self, k: int) -> float:
         """The profile's analytic FLOPs of one call at size ``k`` (Wan: at the profile's opt frame count)."""

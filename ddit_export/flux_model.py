@@ -162,6 +162,9 @@ def applied_lora(transformer, adapters: DDiTAdapters, factor: int, merge: bool =
     with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global RNG: make the init reproducible
         torch.manual_seed(LORA_INIT_SEED + factor)
         inject_adapter_in_model(lora_config(transformer, adapters.rank, adapters.alpha), transformer, adapter_name=name)
+    for pname, param in transformer.named_parameters():  # peft makes them in the base's dtype: a bf16 base
+        if "lora_" in pname and param.dtype != torch.float32:  # (ddit-train --base-dtype bf16) still trains,
+            param.data = param.data.float()  # loads and saves its LoRA in fp32
     layers = _lora_layers(transformer)
     try:
         try:

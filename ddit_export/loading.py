@@ -15,16 +15,20 @@ from .tiny import build_tiny_flux, shipped_model
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae", "tokenizer", "tokenizer_2")
 
 
-def load_flux(model: str, spec: FluxSpec) -> dict:
-    """Components keyed as in a FluxPipeline folder, fp32, eval mode, checked against ``spec``."""
+def load_flux(model: str, spec: FluxSpec, transformer_dtype: torch.dtype = torch.float32) -> dict:
+    """Components keyed as in a FluxPipeline folder, eval mode, checked against ``spec``: fp32, but for the
+    transformer in ``transformer_dtype`` (``ddit-train --base-dtype bf16``: read from the checkpoint in that dtype,
+    so FLUX.1-dev's 12B never exist in fp32 on the host)."""
     if model == "random":
         random_configs(spec)  # one-line error for a profile without configs
         parts = build_tiny_flux(spec)
     elif model == "tiny":
         shipped = shipped_model(spec.family) if spec.name == profile_for(spec.family, "tiny").name else None
-        parts = _from_pretrained(str(shipped)) if shipped else build_tiny_flux(spec)
+        parts = _from_pretrained(str(shipped), transformer_dtype) if shipped else build_tiny_flux(spec)
     else:
-        parts = _from_pretrained(model)
+        parts = _from_pretrained(model, transformer_dtype)
+    if next(parts["transformer"].parameters()).dtype != transformer_dtype:  # built ones (random, tiny unbuilt)
+        parts["transformer"] = parts["transformer"].to(transformer_dtype)
     for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
         parts[name] = parts[name].eval().requires_grad_(False)
     parts["text_encoder_2"].set_attn_implementation("eager")  # sdpa's T5 path does not export with dynamo
@@ -32,7 +36,7 @@ def load_flux(model: str, spec: FluxSpec) -> dict:
     return parts
 
 
-def _from_pretrained(model: str) -> dict:
+def _from_pretrained(model: str, transformer_dtype: torch.dtype = torch.float32) -> dict:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
@@ -49,7 +53,9 @@ def _from_pretrained(model: str) -> dict:
     kw = dict(use_safetensors=True, torch_dtype=torch.float32)  # never unpickle weights; export in fp32
     try:
         return dict(
-            transformer=FluxTransformer2DModel.from_pretrained(source, subfolder="transformer", **kw),
+            transformer=FluxTransformer2DModel.from_pretrained(
+                source, subfolder="transformer", **dict(kw, torch_dtype=transformer_dtype)
+            ),
             text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw),
             text_encoder_2=T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", **kw),
             vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kw),

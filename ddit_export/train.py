@@ -43,6 +43,7 @@ from .train_data import (
     list_images,
     load_or_build,
     read_prompts,
+    transformer_autocast,
 )
 from .wan_loading import load_wan
 from .wan_model import WanEngine, wan_size_variant
@@ -50,6 +51,7 @@ from .wan_model import WanEngine, wan_size_variant
 ADAPTERS_FILE, REPORT_FILE, CHECKPOINT_FILE = "adapters.safetensors", "adapters.json", "checkpoint.safetensors"
 WEIGHTINGS = ("uniform", "high-noise", "low-noise")
 OPTIMIZERS = ("prodigy", "adamw")
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -76,6 +78,9 @@ class TrainConfig:
     seed: int = 0
     gradient_checkpointing: bool = False
     device: str = "auto"
+    # The frozen base transformer's weights (teacher and student share them). bf16 halves them (FLUX.1-dev: 48 ->
+    # 24 GB) and every forward then runs under bfloat16 autocast; what trains (LoRA, adapters, optimiser) stays fp32.
+    base_dtype: str = "fp32"
 
     def identity(self) -> dict:
         """What a checkpoint must agree with to be resumed (not bookkeeping such as checkpoint_every)."""
@@ -84,6 +89,8 @@ class TrainConfig:
             d.pop(key)
         if d["frames"] is None:  # FLUX: identical to checkpoints written before Wan training existed
             d.pop("frames")
+        if d["base_dtype"] == "fp32":  # identical to checkpoints written before --base-dtype existed
+            d.pop("base_dtype")
         return d
 
 
@@ -108,8 +115,8 @@ class FluxBackend:
             raise DDiTError("--frames applies to Wan: FLUX trains on images")
         return {}
 
-    def load(self, model: str) -> dict:
-        parts = load_flux(model, self.spec)
+    def load(self, model: str, dtype: torch.dtype) -> dict:
+        parts = load_flux(model, self.spec, dtype)
         self.spec = with_vae_normalisation(self.spec, parts["vae"])  # --images latents use the VAE's own
         return parts
 
@@ -128,6 +135,8 @@ class FluxBackend:
 
     def cache_settings(self, cfg: TrainConfig) -> dict:
         settings = dict(height=cfg.height, width=cfg.width, gen_steps=cfg.gen_steps, seed=cfg.seed)
+        if cfg.base_dtype != "fp32":  # a bf16 base samples other latents; fp32 caches stay valid
+            settings["base_dtype"] = cfg.base_dtype
         true_cfg = self.spec.scheduler.true_cfg
         return settings | (dict(true_cfg=true_cfg) if true_cfg > 1.0 else {})  # unguided caches stay valid
 
@@ -152,8 +161,8 @@ class WanBackend(FluxBackend):
         self.spec.check_frames(frames)
         return dict(frames=frames)
 
-    def load(self, model: str) -> dict:
-        return load_wan(model, self.spec)
+    def load(self, model: str, dtype: torch.dtype) -> dict:
+        return load_wan(model, self.spec, dtype)
 
     def sigmas(self, cfg: TrainConfig) -> torch.Tensor:
         return wan_flow_sigmas(cfg.gen_steps, self.spec.flow_shift(cfg.height, cfg.width))[:-1]  # no 0
@@ -195,6 +204,8 @@ def check_config(cfg: TrainConfig, spec: FluxSpec | WanSpec) -> TrainConfig:
     optimizer = cfg.optimizer or backend.default_optimizer
     if optimizer not in OPTIMIZERS:
         raise DDiTError(f"unknown optimizer '{optimizer}': choose {' or '.join(OPTIMIZERS)}")
+    if cfg.base_dtype not in BASE_DTYPES:
+        raise DDiTError(f"unknown --base-dtype '{cfg.base_dtype}': choose {' or '.join(BASE_DTYPES)}")
     if cfg.t_weighting not in WEIGHTINGS:
         raise DDiTError(f"unknown --t-weighting '{cfg.t_weighting}': choose one of {', '.join(WEIGHTINGS)}")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.rank < 1 or cfg.checkpoint_every < 1:
@@ -279,8 +290,10 @@ class Trainer:
         self.backend = backend_for(spec)
         self.out = Path(cfg.output)
         self.device = _device(cfg.device)
+        if self.cfg.base_dtype == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise DDiTError("--base-dtype bf16 needs a GPU with bfloat16 (Ampere or newer): use --base-dtype fp32")
         self._prepare_output(force)
-        self.parts = self.backend.load(cfg.model)
+        self.parts = self.backend.load(cfg.model, BASE_DTYPES[self.cfg.base_dtype])
         self.transformer = self.parts["transformer"].to(self.device)
         if self.cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
@@ -374,9 +387,10 @@ class Trainer:
         return tuple(cls(self.transformer, self.spec, k, a).to(self.device) for k, a in ((factor, adapter), (1, None)))
 
     def _autocast(self):
+        """bfloat16 autocast on CUDA, and wherever the base is bf16 (its fp32 inputs meet bf16 weights)."""
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return transformer_autocast(self.transformer, self.device)
 
     def _pair(self, engines: tuple, args: tuple, base_modules: dict):
         student, teacher = engines

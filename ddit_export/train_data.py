@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable
@@ -66,6 +67,15 @@ def list_images(folder: str | Path) -> list[Path]:
     return images
 
 
+def transformer_autocast(transformer, device):
+    """bfloat16 autocast where the transformer's weights are bfloat16 (``ddit-train --base-dtype bf16``), so its
+    float32 inputs meet them in bf16 matmuls; a no-op for an fp32 transformer."""
+    dtype = next(transformer.parameters()).dtype
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 @torch.no_grad()
 def encode_prompts(
     parts: dict, spec: FluxSpec, prompts: list[str], device, chunk: int = 16
@@ -113,7 +123,7 @@ def generate_latents(
     guided = empty is not None and scale > 1.0
     rows = 2 if guided else 1
     out = []
-    with size_variant(transformer, None, 1):
+    with size_variant(transformer, None, 1), transformer_autocast(transformer, device):
         engine = FluxEngine(transformer, spec, 1)
         guidance = torch.full((rows,), spec.scheduler.guidance, device=device)
         for i in tqdm(range(t5.shape[0]), desc="generate latents", unit="sample", disable=not progress):
@@ -124,6 +134,7 @@ def generate_latents(
                 text, vec = torch.cat([text, empty[0].to(device)]), torch.cat([vec, empty[1].to(device)])
             for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
                 v = engine(z.expand(rows, -1, -1, -1), torch.full((rows,), s, device=device), guidance, text, vec)
+                v = v.float()  # the latent stays fp32 under a bf16 base's autocast
                 v = guided_velocity(v[:1], v[1:], scale) if guided else v
                 z = z + (s_next - s) * v
             out.append(z.float().cpu())
@@ -175,7 +186,9 @@ def generate_wan_latents(
         hidden = hidden.to(device)
         n = hidden.shape[0]
         for j in range(steps):
-            v = engine(z.expand(n, *shape[1:]), torch.full((n,), float(timesteps[j]), device=device), hidden)
+            with transformer_autocast(transformer, device):
+                v = engine(z.expand(n, *shape[1:]), torch.full((n,), float(timesteps[j]), device=device), hidden)
+            v = v.float()  # the sampler's state stays fp32 under a bf16 base's autocast
             if guided:
                 v = guided_velocity(v[:1], v[1:], scale)
             z = sampler.step(v, j, z)

@@ -82,16 +82,19 @@ def save_wan_components(parts: dict, folder: str | Path) -> Path:
     return folder
 
 
-def load_wan(model: str, spec: WanSpec) -> dict:
-    """Components keyed as in a WanPipeline folder (plus ``scheduler``: its config dict), fp32, eval mode."""
+def load_wan(model: str, spec: WanSpec, transformer_dtype: torch.dtype = torch.float32) -> dict:
+    """Components keyed as in a WanPipeline folder (plus ``scheduler``: its config dict), eval mode: fp32, but for
+    the transformer in ``transformer_dtype`` (see ``loading.load_flux``)."""
     if model == "random":
         random_configs(spec)  # one-line error for a profile without configs
         parts = build_tiny_wan(spec)
     elif model == "tiny":
         shipped = shipped_model(spec.family) if spec.name == profile_for(spec.family, "tiny").name else None
-        parts = _from_pretrained(str(shipped)) if shipped else build_tiny_wan(spec)
+        parts = _from_pretrained(str(shipped), transformer_dtype) if shipped else build_tiny_wan(spec)
     else:
-        parts = _from_pretrained(model)
+        parts = _from_pretrained(model, transformer_dtype)
+    if next(parts["transformer"].parameters()).dtype != transformer_dtype:  # built ones (random, tiny unbuilt)
+        parts["transformer"] = parts["transformer"].to(transformer_dtype)
     for name in ("transformer", "text_encoder", "vae"):
         parts[name] = parts[name].eval().requires_grad_(False)
     parts["text_encoder"].set_attn_implementation("eager")  # sdpa's T5 path does not export with dynamo
@@ -121,7 +124,7 @@ def _scheduler_config(source: str) -> dict:
         return dict(DEFAULT_SCHEDULER)
 
 
-def _from_pretrained(model: str) -> dict:
+def _from_pretrained(model: str, transformer_dtype: torch.dtype = torch.float32) -> dict:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -129,7 +132,9 @@ def _from_pretrained(model: str) -> dict:
     kw = dict(use_safetensors=True, torch_dtype=torch.float32)  # never unpickle weights; export in fp32
     try:
         return dict(
-            transformer=WanTransformer3DModel.from_pretrained(source, subfolder="transformer", **kw),
+            transformer=WanTransformer3DModel.from_pretrained(
+                source, subfolder="transformer", **dict(kw, torch_dtype=transformer_dtype)
+            ),
             text_encoder=UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder", **kw),
             vae=AutoencoderKLWan.from_pretrained(source, subfolder="vae", **kw),
             tokenizer=AutoTokenizer.from_pretrained(source, subfolder="tokenizer"),

@@ -237,3 +237,57 @@ def test_prompts_are_encoded_in_chunks_as_in_one_batch(tiny_spec):
         assert a.shape[0] == len(prompts)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(chunked[0][0], chunked[0][1])  # distinct prompts, distinct states
+
+
+def test_bf16_base_trains_fp32_adapters_that_export(trained, tmp_path, tiny_spec, tiny_parts, monkeypatch):
+    """``--base-dtype bf16``: the frozen base (teacher and student's shared weights) is held in bfloat16, half the
+    bytes, and every forward runs under bf16 autocast; LoRA, adapters and optimiser stay fp32, the adapters file
+    is fp32 and exports. Same settings as the fp32 ``trained`` run, so the held-out errors are comparable."""
+    out = tmp_path / "bf16"
+    cfg = TrainConfig(
+        model="random", sizes=(2, 4), output=out, steps=50, checkpoint_every=25, base_dtype="bf16", **SMALL
+    )
+    trainer = Trainer(cfg, tiny_spec, progress=False)
+    base = list(trainer.transformer.parameters())
+    assert {p.dtype for p in base} == {torch.bfloat16}
+    fp32_bytes = sum(p.numel() * 4 for p in base)
+    assert sum(p.numel() * p.element_size() for p in base) == fp32_bytes // 2
+
+    import ddit_export.train as train_module
+
+    seen, make = [], train_module._make_optimizer
+
+    def spy(cfg, params):  # what each size's optimiser updates: fp32 only
+        seen.append({p.dtype for p in params})
+        return make(cfg, params)
+
+    monkeypatch.setattr(train_module, "_make_optimizer", spy)
+    report = trainer.run()
+    assert seen == [{torch.float32}, {torch.float32}]
+    fp32 = trained[1]["eval"]
+    for k in ("2", "4"):
+        row = report["eval"][k]
+        assert row["trained"] < 0.9 * row["init"], (k, row)  # it learns
+        assert row["trained"] < 1.1 * fp32[k]["trained"], (k, row, fp32[k])  # as well as in fp32 (0.304 both)
+    tensors = load_file(str(out / "adapters.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    assert all(t.abs().max() > 0 for n, t in tensors.items() if "lora_B" in n)
+    assert json.loads((out / "adapters.json").read_text())["config"]["base_dtype"] == "bf16"
+
+    transformer = tiny_parts["transformer"]  # the exporter's fp32 base takes them: loaded, and merged as it merges
+    assert next(transformer.parameters()).dtype == torch.float32
+    adapters = load_adapters(out / "adapters.safetensors", transformer, tiny_spec, [1, 2])
+    g = torch.Generator().manual_seed(3)
+    args = (
+        torch.randn(1, 16, 32, 32, generator=g),
+        torch.rand(1, generator=g),
+        torch.full((1,), 3.5),
+        torch.randn(1, 32, 64, generator=g),
+        torch.randn(1, 32, generator=g),
+    )
+    with torch.no_grad():
+        outs = []
+        for merge in (False, True):
+            with size_variant(transformer, adapters, 2, merge_lora=merge) as adapter:
+                outs.append(FluxEngine(transformer, tiny_spec, 2, adapter)(*args))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)

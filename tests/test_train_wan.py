@@ -9,11 +9,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from ddit_cli import train_main
-from ddit_export.adapters import load_adapters, lora_targets
+from ddit_export.adapters import load_adapters, lora_targets, resolve_adapters
 from ddit_export.onnx_io import ort_session
 from ddit_export.train import TrainConfig, Trainer
 from ddit_export.train_data import builtin_clip_captions, encode_wan_prompts, generate_wan_latents
-from ddit_export.wan_export import export_wan, transformer_inputs
+from ddit_export.wan_export import _export_transformer, transformer_inputs
 from ddit_export.wan_loading import save_wan_components
 from ddit_export.wan_model import WanEngine, WanSizeAdapter, wan_size_variant
 
@@ -71,17 +71,21 @@ def test_adapters_load_with_lora_for_every_ffn(trained, wan_parts, wan_spec):
 
 
 def test_trained_adapters_export(trained, wan_parts, wan_spec, tmp_path):
-    """``ddit-export wan --adapters FILE`` (sizes 1, 2 to keep it near a minute): parity passes, and the k = 2 graph
-    is the trained student (unmerged LoRA) as the trainer ran it."""
+    """The trained file through ``ddit-export wan --adapters FILE``'s own steps (``resolve_adapters``, then the k = 2
+    transformer and its TeaCache probe, with the exporter's parity check; the text encoder and VAE, which the
+    adapters do not touch, are left out to save 70 s): the graph is the trained student (unmerged LoRA) as the
+    trainer ran it."""
     path = trained[0] / "adapters.safetensors"
-    manifest = export_wan("tiny", wan_spec, [1, 2], tmp_path / "engines", adapters_path=str(path), progress=False)
-    assert manifest["source"]["adapters_trained"] is True
     transformer = wan_parts["transformer"]
+    adapters, used, is_trained = resolve_adapters("tiny", str(path), transformer, wan_spec, [1, 2])
+    assert used == path and is_trained
+    entry = _export_transformer(wan_parts, wan_spec, adapters, 2, tmp_path)
+    assert entry["teacache"] and (tmp_path / "transformer_k2.onnx").is_file()
     adapters = load_adapters(path, transformer, wan_spec, [1, 2])
     feeds = transformer_inputs(wan_spec, 2, 5, 144, 208, torch.Generator().manual_seed(5))
     with torch.no_grad(), wan_size_variant(transformer, adapters, 2, merge_lora=False) as adapter:
         student = WanEngine(transformer, wan_spec, 2, adapter)(*feeds)
-    session = ort_session(tmp_path / "engines" / "transformer_k2.onnx")
+    session = ort_session(tmp_path / "transformer_k2.onnx")
     got = session.run(None, {n: a.numpy() for n, a in zip(wan_spec.transformer_inputs, feeds, strict=True)})[0]
     bound = wan_spec.transformer_tolerance.bound(student.abs().max().item())
     assert (torch.from_numpy(got) - student).abs().max() < bound
@@ -136,11 +140,14 @@ def test_a_model_folder_with_a_prompt_file(tmp_path, wan_parts, wan_spec):
     assert report["config"]["prompts"] == str(prompts) and set(report["eval"]) == {"2"}
 
 
-def test_interrupted_run_resumes_to_the_same_adapters(tmp_path, wan_spec, monkeypatch, capsys):
+@pytest.mark.parametrize("base_dtype", ["fp32", "bf16"])
+def test_interrupted_run_resumes_to_the_same_adapters(tmp_path, wan_spec, monkeypatch, capsys, base_dtype):
+    """Bit for bit, also over a bf16 base (``--base-dtype bf16``: bf16 autocast, fp32 LoRA and adapters)."""
+
     def cfg(out):
         return TrainConfig(
             model="tiny", sizes=(2,), output=out, steps=6, checkpoint_every=3, rank=4, builtin_prompts=6, frames=5,
-            gen_steps=4, batch_size=2, height=128, width=128,
+            gen_steps=4, batch_size=2, height=128, width=128, base_dtype=base_dtype,
         )  # fmt: skip
 
     Trainer(cfg(tmp_path / "straight"), wan_spec, progress=False).run()
@@ -160,9 +167,10 @@ def test_interrupted_run_resumes_to_the_same_adapters(tmp_path, wan_spec, monkey
     assert "resuming from" in (printed := capsys.readouterr().out) and "size 2, step 3/6" in printed
     a = load_file(str(tmp_path / "killed" / "adapters.safetensors"))
     b = load_file(str(tmp_path / "straight" / "adapters.safetensors"))
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and {t.dtype for t in a.values()} == {torch.float32}
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
+    assert any(t.abs().max() > 0 for n, t in a.items() if "lora_B" in n)
 
 
 @pytest.mark.parametrize(
