@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import torch
@@ -63,11 +62,16 @@ def _from_pretrained(model: str, transformer_dtype: torch.dtype = torch.float32)
             tokenizer_2=AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2"),
         )
     except OSError as e:
-        offline = (
-            " (HF_HUB_OFFLINE is set, so only the local cache was searched)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        )
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DDiTError(f"could not load '{model}'{offline}: {first}") from None
+        raise DDiTError(f"could not load '{model}'{offline_note()}: {first}") from None
+
+
+def offline_note() -> str:
+    """What a failed hub load adds when huggingface_hub is offline. Its own flag, not the environment: the hub reads
+    HF_HUB_OFFLINE once, at import, so a variable set later changes nothing and must not be claimed."""
+    from huggingface_hub import constants
+
+    return " (HF_HUB_OFFLINE is set, so only the local cache was searched)" if constants.is_offline_mode() else ""
 
 
 def with_vae_normalisation(spec: FluxSpec, vae) -> FluxSpec:

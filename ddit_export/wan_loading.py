@@ -8,13 +8,13 @@ T5-style tokenizer over the caption vocabulary.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from ddit_profiles import DDiTError, WanSpec, profile_for, random_configs
 
+from .loading import offline_note
 from .tiny import CAPTION_WORDS, _word_tokenizer, save_components, shipped_model
 
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer")
@@ -141,11 +141,8 @@ def _from_pretrained(model: str, transformer_dtype: torch.dtype = torch.float32)
             scheduler=_scheduler_config(source),
         )
     except OSError as e:
-        offline = (
-            " (HF_HUB_OFFLINE is set, so only the local cache was searched)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        )
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DDiTError(f"could not load '{model}'{offline}: {first}") from None
+        raise DDiTError(f"could not load '{model}'{offline_note()}: {first}") from None
 
 
 def check_against_profile(parts: dict, spec: WanSpec) -> None:

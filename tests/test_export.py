@@ -250,6 +250,7 @@ def test_failed_export_leaves_no_folder_and_keeps_the_old_one(tmp_path, tiny_spe
 def test_hub_id_not_in_offline_cache_is_one_line_error(tmp_path, tiny_spec, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read at import: no network retries
     with pytest.raises(DDiTError) as err:
         load_flux("some-org/not-cached", tiny_spec)
     assert "HF_HUB_OFFLINE" in str(err.value) and "\n" not in str(err.value)
