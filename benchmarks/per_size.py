@@ -1,6 +1,6 @@
 """Per-size step ratios of the runtime against the bare engine call and the FLOP-ideal, in one run.
 
-    python benchmarks/per_size.py ENGINES_DIR [--steps 4] [--rounds 1] [--json OUT]
+    python benchmarks/per_size.py ENGINES_DIR [--steps 4] [--rounds 1] [--bare 10] [--json OUT]
 
 The lean part of ``ddit-bench``: the fixed native, 2p and 4p schedules through the whole runtime step (scheduler
 cost added, engine call with its in-graph patchify, Euler update), the bare engine call per size, and the
@@ -10,8 +10,9 @@ runtime's shared CPU arena; before it, 24.3 GB and OOM-killed), and took 7 minut
 (``wan-1.3b-shape``) run at the profile's opt frame count and size, with their guidance batched.
 
 Everything is interleaved: each of ``--rounds`` rounds (a seed each) runs the native, 2p and 4p generations in
-turn, and the bare calls go round-robin over the sizes. At real widths a native call takes 10-15 s here, so drift
-over a minute would otherwise land in one size's median and not the others'.
+turn, then its share of the ``--bare`` calls, round-robin over the sizes. At real widths a native call takes
+10-15 s here, so drift over minutes would otherwise land in one size's median, or in the runtime's and not the
+bare graph's.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("engines")
     ap.add_argument("--steps", type=int, default=4, help="steps per generation (default 4)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds, one seed each (default 1)")
+    ap.add_argument("--bare", type=int, default=10, help="bare calls per size, over all rounds (default 10)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     runtime = runtime_class(args.engines)(args.engines, provider="cpu")
@@ -38,7 +40,8 @@ def main(argv=None) -> int:
             bench._generate(bench.prompts[0], 0, dict(steps=warm, schedule=[k] * warm))
     methods = [Method("native", "baseline", dict(schedule=[1] * args.steps))]
     methods += [Method(f"fixed {k}p", "fixed", dict(schedule=[k] * args.steps)) for k in runtime.sizes if k > 1]
-    bench.done = bench.run_methods(methods)  # interleaved per step count: drift hits every size alike
+    per_round = max(1, -(-args.bare // args.rounds))  # the bare calls spread over the rounds, beside them
+    bench.done = bench.run_methods(methods, between=lambda: bench.bare_engine_ms(per_round))
     bench.tau = runtime.spec.scheduler.tau
     report = bench.report()
     print(markdown(report))

@@ -134,6 +134,7 @@ class Bench:
         self.height, self.width = self.spec.opt_size
         self.teacache = True  # both runtimes take generate(..., teacache=THRESH)
         self.native: dict[tuple[int, int], torch.Tensor] = {}
+        self.bare_samples: dict[int, list[float]] = {}  # every bare call timed so far, per size
 
     # ---- running ----------------------------------------------------------------------------------------------------
 
@@ -146,16 +147,19 @@ class Bench:
         """One method on every prompt and seed (see ``run_methods`` for several, interleaved)."""
         return self.run_methods([method])[0]
 
-    def run_methods(self, methods: list[Method]) -> list[Method]:
+    def run_methods(self, methods: list[Method], between=None) -> list[Method]:
         """Every method on every prompt and seed, interleaved: for each prompt and seed, each method once, in
         order. Machine drift (these CPUs vary 10-20% over minutes) then hits every method alike, where running
         one method after another would credit it to whichever ran in a slow minute. A baseline among them becomes
-        the others' ``base``; the baseline's image is the quality reference."""
+        the others' ``base``; the baseline's image is the quality reference. ``between`` (no arguments) runs after
+        each prompt and seed's methods: ``per_size.py`` times its bare calls there, beside the generations."""
         base = next((m for m in methods if m.kind == "baseline"), None)
         jobs = [(i, p, s) for i, p in enumerate(self.prompts) for s in range(self.seeds)]
         for i, prompt, seed in tqdm(jobs, desc="prompt x seed", disable=not self.progress, leave=False):
             for method in methods:
                 self._record(method, i, prompt, seed)
+            if between is not None:
+                between()
         for method in methods:
             method.base = method.base or base
         return methods
@@ -270,7 +274,8 @@ class Bench:
 
     def bare_engine_ms(self, reps: int = 10) -> dict[int, float]:
         """Median ms of one bare engine call per size at the batch the runtime's step uses (IOBinding on
-        preallocated buffers, nothing else)."""
+        preallocated buffers, nothing else), over these ``reps`` calls; every call is also kept in
+        ``bare_samples``, which ``report`` uses when there are any."""
         spec, dev, b = self.spec, self.runtime.device, self.call_batch
         lh, lw = spec.latent_hw(self.height, self.width)
         if self.family == "wan":
@@ -308,6 +313,8 @@ class Bench:
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 times[k].append((time.perf_counter() - t0) * 1000)
+        for k, ts in times.items():
+            self.bare_samples.setdefault(k, []).extend(ts)
         return {k: _median(ts) for k, ts in times.items()}
 
     def _flops(self, k: int) -> float:
@@ -321,7 +328,9 @@ class Bench:
         # its in-graph patchify, the Euler update) plus the scheduler's measured per-step cost, which every DDiT
         # step adds. DDiT's own steps at each size (noisier: fewer samples) are reported beside it as a check.
         overhead = self.scheduler_overhead_ms()
-        bare = self.bare_engine_ms()
+        if not self.bare_samples:  # ddit-bench: timed now, after the methods; per_size.py: beside each round
+            self.bare_engine_ms()
+        bare = {k: _median(ts) for k, ts in self.bare_samples.items()}
         per_size = {}
         for k in self.runtime.sizes:
             fixed = next(m for m in self.done if m.kind in ("baseline", "fixed") and m.options["schedule"][0] == k)
@@ -375,6 +384,7 @@ class Bench:
                     peak_rss_mb=max(r["rss_mb"] for r in m.runs),
                     schedules=[r["schedule"] for r in m.runs],
                     computed=[r["computed"] for r in m.runs],
+                    step_ms=[r["step_ms"] for r in m.runs],
                 )
             )
         return dict(
@@ -391,6 +401,7 @@ class Bench:
             prompts=[p.text for p in self.prompts],
             seeds=self.seeds,
             per_size=per_size,
+            bare_samples_ms=self.bare_samples,
             scheduler_overhead_ms=overhead,
             scheduler_overhead_pct=100 * overhead / native_ms,
             scheduler_in_loop_ms=in_loop,

@@ -2,6 +2,7 @@
 numbers are consistent with the runs, the FLOP count matches the paper's ratios, and the CLI writes its files."""
 
 import json
+import statistics
 
 import pytest
 from click.testing import CliRunner
@@ -125,3 +126,25 @@ def test_cli_bad_input_is_one_line(tiny_engines, tmp_path):
     assert result.exit_code == 2 and "cannot parse --taus 'fast'" in result.output
     result = CliRunner().invoke(bench_main, [str(tiny_engines), "--prompts", str(tmp_path / "none.txt")])
     assert result.exit_code == 2 and "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_bare_calls_timed_between_rounds_are_what_the_report_uses(tiny_engines):
+    """``per_size.py``: the bare calls run after each prompt and seed's generations (``between``), round-robin over
+    the sizes, and the report's bare medians are over every one of them, with no second timing afterwards."""
+    from ddit_runtime import runtime_class
+
+    runtime = runtime_class(str(tiny_engines))(str(tiny_engines), provider="cpu")
+    bench = Bench(runtime, builtin_prompts("flux", 1), seeds=2, steps=2, progress=False)
+    methods = [Method("native", "baseline", dict(schedule=[1, 1]))]
+    methods += [Method(f"fixed {k}p", "fixed", dict(schedule=[k, k])) for k in runtime.sizes if k > 1]
+    order = []
+    bench.run_methods(methods, between=lambda: order.append((len(methods[0].runs), bench.bare_engine_ms(3))))
+    assert [n for n, _ in order] == [1, 2]  # after each seed's generations, before the next seed's
+    assert {k: len(ts) for k, ts in bench.bare_samples.items()} == {k: 6 for k in runtime.sizes}
+    bench.done, bench.tau = methods, 1.0
+    timed = bench.bare_engine_ms
+    bench.bare_engine_ms = lambda reps=10: pytest.fail("the report timed the bare calls again")
+    report = bench.report()
+    bench.bare_engine_ms = timed
+    for k, row in report["per_size"].items():
+        assert row["bare_ms"] == pytest.approx(statistics.median(bench.bare_samples[k]))
