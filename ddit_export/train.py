@@ -43,7 +43,6 @@ from .train_data import (
     list_images,
     load_or_build,
     read_prompts,
-    transformer_autocast,
 )
 from .wan_loading import load_wan
 from .wan_model import WanEngine, wan_size_variant
@@ -388,9 +387,9 @@ class Trainer:
 
     def _autocast(self):
         """bfloat16 autocast on CUDA, and wherever the base is bf16 (its fp32 inputs meet bf16 weights)."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return transformer_autocast(self.transformer, self.device)
+        if self.device.type == "cuda" or self.cfg.base_dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _pair(self, engines: tuple, args: tuple, base_modules: dict):
         student, teacher = engines

@@ -68,12 +68,12 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def transformer_autocast(transformer, device):
-    """bfloat16 autocast where the transformer's weights are bfloat16 (``ddit-train --base-dtype bf16``), so its
-    float32 inputs meet them in bf16 matmuls; a no-op for an fp32 transformer."""
-    dtype = next(transformer.parameters()).dtype
-    if dtype == torch.float32:
+    """bfloat16 autocast where the transformer holds bfloat16 weights (``ddit-train --base-dtype bf16``), so its
+    float32 inputs meet them in bf16 matmuls; a no-op for an fp32 transformer. Any bf16 weight counts, not the
+    first one: the swapped-in adapters and LoRA are fp32."""
+    if all(p.dtype != torch.bfloat16 for p in transformer.parameters()):
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 @torch.no_grad()
