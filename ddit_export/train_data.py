@@ -178,6 +178,7 @@ def generate_wan_latents(
     timesteps = wan_flow_timesteps(steps, shift).tolist()
     guided = scale > 1.0
     engine = WanEngine(transformer, spec, 1).to(device)
+    autocast = transformer_autocast(transformer, device)  # decided once: it reads every weight's dtype
     out = []
     for i in tqdm(range(text.shape[0]), desc="generate latents", unit="video", disable=not progress):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
@@ -186,7 +187,7 @@ def generate_wan_latents(
         hidden = hidden.to(device)
         n = hidden.shape[0]
         for j in range(steps):
-            with transformer_autocast(transformer, device):
+            with autocast:  # around the transformer only: the sampler's combinations stay fp32
                 v = engine(z.expand(n, *shape[1:]), torch.full((n,), float(timesteps[j]), device=device), hidden)
             v = v.float()  # the sampler's state stays fp32 under a bf16 base's autocast
             if guided:
