@@ -123,6 +123,48 @@ class Method:
     base: Method | None = None  # the baseline run interleaved with this one: its speedup is against that
 
 
+def call_batch(spec) -> int:
+    """The batch of one engine call in the runtime's step: 2 under batched guidance (the runtimes' default: FLUX's
+    true CFG above 1, Wan's guidance scale above 1), else 1."""
+    d = spec.scheduler
+    return 2 if (d.true_cfg if spec.family == "flux" else d.guidance) > 1.0 else 1
+
+
+def bare_feeds(spec, height: int, width: int, batch: int, device) -> dict[str, torch.Tensor]:
+    """Random inputs of one transformer call at ``height`` x ``width`` (Wan: the profile's opt frame count): the
+    same for every size, as the engines share one contract."""
+    lh, lw = spec.latent_hw(height, width)
+    if spec.family == "wan":
+        latent = torch.randn(batch, spec.latent_channels, spec.latent_frames(spec.opt_frames), lh, lw, device=device)
+        text = (batch, spec.t5_max_length, spec.text_dim)
+    else:
+        latent = torch.randn(batch, spec.latent_channels, lh, lw, device=device)
+        text = (batch, spec.t5_max_length, spec.joint_attention_dim)
+    feeds = {
+        "latent": latent,
+        "timestep": torch.full((batch,), 0.5, device=device),
+        "encoder_hidden_states": torch.randn(text, device=device),
+    }
+    if spec.family == "flux":
+        feeds["guidance"] = torch.full((batch,), spec.scheduler.guidance, device=device)
+        feeds["pooled_projections"] = torch.randn(batch, spec.pooled_dim, device=device)
+    return feeds
+
+
+def bare_outputs(spec, engine, k: int, feeds: dict, height: int, width: int) -> dict[str, torch.Tensor]:
+    """Output buffers of size ``k``'s transformer ``engine`` for ``feeds``: the velocity, and the TeaCache
+    residual [B, (F,) rows, cols, D] where the graph has one."""
+    latent = feeds["latent"]
+    outputs = {"velocity": torch.empty_like(latent)}
+    if "residual" in engine.output_names:
+        rows, cols = spec.token_grid(k, height, width)
+        grid = latent.shape[2:3] if spec.family == "wan" else ()
+        outputs["residual"] = torch.empty(
+            latent.shape[0], *grid, rows, cols, engine.output_dim("residual"), device=latent.device
+        )
+    return outputs
+
+
 class Bench:
     """Runs the methods on one runtime; ``report()`` aggregates. Generation settings come from the profile."""
 
@@ -267,40 +309,17 @@ class Bench:
 
     @property
     def call_batch(self) -> int:
-        """The batch of one engine call in the runtime's step: 2 under batched guidance (the runtimes' default:
-        FLUX's true CFG above 1, Wan's guidance scale above 1), else 1."""
-        d = self.spec.scheduler
-        return 2 if (d.true_cfg if self.family == "flux" else d.guidance) > 1.0 else 1
+        return call_batch(self.spec)
 
     def bare_engine_ms(self, reps: int = 10) -> dict[int, float]:
         """Median ms of one bare engine call per size at the batch the runtime's step uses (IOBinding on
         preallocated buffers, nothing else), over these ``reps`` calls; every call is also kept in
         ``bare_samples``, which ``report`` uses when there are any."""
-        spec, dev, b = self.spec, self.runtime.device, self.call_batch
-        lh, lw = spec.latent_hw(self.height, self.width)
-        if self.family == "wan":
-            frames = spec.latent_frames(spec.opt_frames)
-            latent = torch.randn(b, spec.latent_channels, frames, lh, lw, device=dev)
-            text = (b, spec.t5_max_length, spec.text_dim)
-            grid = (frames,)
-        else:
-            latent = torch.randn(b, spec.latent_channels, lh, lw, device=dev)
-            text = (b, spec.t5_max_length, spec.joint_attention_dim)
-            grid = ()
-        feeds = {
-            "latent": latent,
-            "timestep": torch.full((b,), 0.5, device=dev),
-            "encoder_hidden_states": torch.randn(text, device=dev),
-        }
-        if self.family == "flux":
-            feeds["guidance"] = torch.full((b,), spec.scheduler.guidance, device=dev)
-            feeds["pooled_projections"] = torch.randn(b, spec.pooled_dim, device=dev)
+        dev = self.runtime.device
+        feeds = bare_feeds(self.spec, self.height, self.width, self.call_batch, dev)
         bound = {}
         for k, engine in self.runtime.engines.items():
-            outputs = {"velocity": torch.empty_like(latent)}
-            if "residual" in engine.output_names:
-                rows, cols = spec.token_grid(k, self.height, self.width)
-                outputs["residual"] = torch.empty(b, *grid, rows, cols, engine.output_dim("residual"), device=dev)
+            outputs = bare_outputs(self.spec, engine, k, feeds, self.height, self.width)
             engine.run(feeds, outputs)
             bound[k] = (engine, outputs)
         # Round-robin over the sizes (1p, 2p, 4p, 1p, ...), not every call of one size then the next: at real

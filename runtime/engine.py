@@ -59,6 +59,22 @@ def loop_threads(device: torch.device):
         torch.set_num_threads(before)
 
 
+#: ORT intra-op worker spinning, by policy. ORT's workers spin after a run by default, and their spinning starved
+#: the torch ops between engine calls (the scheduler's few ms became ~140 ms per step), so until 2026-12-04 the
+#: runtime turned spinning off ("off"). But then every parallel section inside a run has to wake a sleeping
+#: worker. "during-run" keeps them spinning inside a run and stops them when it returns (ORT's
+#: ``session.force_spinning_stop``), so torch still gets the cores between calls. On 2 cores (2026-12-04,
+#: ``benchmarks/cpu_spinning.py``, four runs) "off" made the tiny FLUX's steps 1.15-1.21x / 1.24-1.36x /
+#: 1.18-1.37x slower at 1p / 2p / 4p and the tiny Wan's 1.13-1.16x, with the scheduler's cost in the loop within
+#: the noise under both; at flux-dev-shape's real widths the two were within the machine's noise ("off" /
+#: "during-run" 0.93-1.03 per size, 7 comparisons in 4 runs).
+SPINNING = {
+    "during-run": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
+    "off": {"session.intra_op.allow_spinning": "0"},
+}
+CPU_SPINNING = "during-run"  # read when a session is created
+
+
 class OrtEngine:
     """One graph. ``run`` binds the given input and output tensors by address: no copies, no host round trip."""
 
@@ -66,9 +82,8 @@ class OrtEngine:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # ORT's CPU workers spin after a run by default, starving the torch ops between engine calls
-        # (measured: the scheduler's few ms became ~140 ms per step). Hand the cores back instead.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in SPINNING[CPU_SPINNING].items():
+            opts.add_session_config_entry(key, value)
         if device.type == "cuda":
             providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
         else:

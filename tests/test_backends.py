@@ -166,6 +166,26 @@ def test_make_engine_for_ort_cpu_runs_the_graph(tiny_engines):
     )
 
 
+@pytest.mark.parametrize(
+    "policy, expected",
+    [
+        ("during-run", {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}),
+        ("off", {"session.intra_op.allow_spinning": "0"}),
+    ],
+)
+def test_cpu_sessions_spin_only_during_a_run(tiny_engines, monkeypatch, policy, expected):
+    """The default keeps ORT's workers spinning inside a run and stops them when it returns, so the torch ops between
+    engine calls get the cores (benchmarks/cpu_spinning.py measures both policies)."""
+    import ddit_runtime.engine as engine_module
+
+    assert engine_module.CPU_SPINNING == "during-run"  # the default
+    monkeypatch.setattr(engine_module, "CPU_SPINNING", policy)
+    manifest = load_manifest(tiny_engines, verify=False)
+    engine = make_engine("ort-cpu", component_file(manifest, "text_encoder", "ort-cpu"), torch.device("cpu"))
+    options = engine.session.get_session_options()
+    assert {key: options.get_session_config_entry(key) for key in expected} == expected
+
+
 # ---- the TensorRT release and GPU check -------------------------------------------------------------------------
 
 

@@ -231,10 +231,11 @@ def test_export_from_a_local_diffusers_folder(tmp_path, tiny_spec, tiny_engines,
 
 
 def test_failed_export_leaves_no_folder_and_keeps_the_old_one(tmp_path, tiny_spec, monkeypatch):
-    def boom(*args, **kwargs):
-        raise DDiTError("simulated failure in the VAE export")
+    def boom(parts, spec, adapters, factor, folder, *args, **kwargs):
+        (folder / f"transformer_k{factor}.onnx").write_bytes(b"half a graph")  # a file written before the failure
+        raise DDiTError("simulated failure in the transformer export")
 
-    monkeypatch.setattr(flux_export, "_export_vae", boom)
+    monkeypatch.setattr(flux_export, "_export_transformer", boom)
     out = tmp_path / "engines"
     with pytest.raises(DDiTError, match="simulated"):
         export_flux("tiny", tiny_spec, [1], out, adapters_path="none", progress=False)
