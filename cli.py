@@ -322,6 +322,7 @@ def _report(runtime, result, path, as_json: bool) -> None:
                 dict(
                     schedule=result.schedule,
                     step_ms=[round(t, 3) for t in result.step_ms],
+                    engine_ms=[round(t, 3) for t in result.engine_ms],
                     total_s=round(result.total_s, 4),
                     output=str(path),
                     engines=list(runtime.sizes),

@@ -219,6 +219,7 @@ class Bench:
                 total_s=result.total_s,
                 denoise_s=sum(result.step_ms) / 1000,
                 step_ms=result.step_ms,
+                engine_ms=result.engine_ms,
                 schedule=result.schedule,
                 computed=result.computed or [True] * len(result.schedule),
                 forced=result.settings.get("teacache_forced_by_switch", 0),
@@ -362,8 +363,17 @@ class Bench:
                 if f == k
             ]
             fixed_ms = _median([ms for r in fixed.runs for ms in r["step_ms"]])
+            # The step's own time outside the engine calls (buffers, guidance, Euler update), read off the same
+            # steps: unlike the bare column, no drift between two phases of the run can move it.
+            loop_ms = _median(
+                [step - call for r in fixed.runs for step, call in zip(r["step_ms"], r["engine_ms"], strict=True)]
+            )
             per_size[k] = dict(
-                step_ms=fixed_ms + overhead, fixed_step_ms=fixed_ms, ddit_step_ms=_median(observed), bare_ms=bare.get(k)
+                step_ms=fixed_ms + overhead,
+                fixed_step_ms=fixed_ms,
+                loop_ms=loop_ms,
+                ddit_step_ms=_median(observed),
+                bare_ms=bare.get(k),
             )
         for k, row in per_size.items():
             row["ratio"] = per_size[1]["step_ms"] / row["step_ms"]
@@ -404,6 +414,7 @@ class Bench:
                     schedules=[r["schedule"] for r in m.runs],
                     computed=[r["computed"] for r in m.runs],
                     step_ms=[r["step_ms"] for r in m.runs],
+                    engine_ms=[r["engine_ms"] for r in m.runs],
                 )
             )
         return dict(
@@ -435,9 +446,9 @@ def markdown(report: dict) -> str:
         f"{report['profile']} on {report['device']} ({report.get('backend', 'ort')}), {report['height']}x{report['width']}, {report['steps']} steps, "
         f"{len(report['prompts'])} prompts x {report['seeds']} seeds",
         "",
-        "| size | runtime step ms | ratio | DDiT's steps ms | bare engine ms | bare ratio | runtime/bare | FLOP-ideal "
-        "| efficiency |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| size | runtime step ms | of which outside the engines | ratio | DDiT's steps ms | bare engine ms | bare ratio "
+        "| runtime/bare | FLOP-ideal | efficiency |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, r in report["per_size"].items():
         bare = (
@@ -447,7 +458,9 @@ def markdown(report: dict) -> str:
         )
         ideal = f"{r['flop_ideal']:.2f}x | {r['efficiency']:.0%}" if "flop_ideal" in r else "- | -"
         observed = f"{r['ddit_step_ms']:.1f}" if r["ddit_step_ms"] == r["ddit_step_ms"] else "-"
-        lines.append(f"| {k}p | {r['step_ms']:.1f} | {r['ratio']:.2f}x | {observed} | {bare} | {ideal} |")
+        loop_ms = r.get("loop_ms", float("nan"))  # reports written before 2026-12-04 have none
+        loop = f"{loop_ms:.2f}" if loop_ms == loop_ms else "-"
+        lines.append(f"| {k}p | {r['step_ms']:.1f} | {loop} | {r['ratio']:.2f}x | {observed} | {bare} | {ideal} |")
     lines += [
         "",
         f"scheduler overhead: {report['scheduler_overhead_ms']:.3f} ms per step = "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,13 @@ def _shared_cpu_arena() -> None:
     """
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
     ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # 1 = kSameAsRequested
+
+
+def elapsed_ms(t0: float, device: torch.device) -> float:
+    """Milliseconds since ``t0`` (``time.perf_counter``), after the device's queue has drained on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1000
 
 
 #: torch threads for the denoising loop's own ops when the engines run on the CPU (None: leave torch's setting)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ddit_profiles import DDiTError
 
 from .backends import backend_from_provider, open_transformers
-from .engine import OrtEngine, loop_threads, teacache_probe
+from .engine import OrtEngine, elapsed_ms, loop_threads, teacache_probe
 from .guidance import CFG_MODES, guided_velocity
 from .manifest import Manifest, load_manifest
 from .scheduler import PatchScheduler
@@ -35,6 +35,7 @@ class Generation:
     total_s: float
     settings: dict = field(default_factory=dict)
     computed: list[bool] = field(default_factory=list)  # per step: the blocks ran (False: TeaCache reused)
+    engine_ms: list[float] = field(default_factory=list)  # per step: the part of step_ms spent in engine calls
 
 
 class FluxRuntime:
@@ -147,7 +148,7 @@ class FluxRuntime:
         started = time.perf_counter()
         text = [self.encode(prompt)] + ([self.encode(negative_prompt, negative=True)] if guided else [])
         with loop_threads(self.device):
-            latent, step_ms, used, computed = self._denoise(
+            latent, step_ms, used, computed, engine_ms = self._denoise(
                 text, height, width, steps, seed, guidance, true_cfg, tau, rho, schedule, cfg, caches, progress
             )
         image = self.decode(latent)
@@ -170,7 +171,7 @@ class FluxRuntime:
             settings["teacache_switch"] = teacache_switch
             settings["teacache_forced_by_switch"] = caches[0].forced_by_switch
             settings["teacache_reused_across_switch"] = caches[0].reused_across_switch
-        return Generation(image, used, step_ms, time.perf_counter() - started, settings, computed)
+        return Generation(image, used, step_ms, time.perf_counter() - started, settings, computed, engine_ms)
 
     def _buffers(self, factor: int, passes: int, height: int, width: int) -> dict[str, torch.Tensor]:
         """Size ``factor``'s residual (and TeaCache signal) buffers [passes, rows, cols, D] / [passes, N, D], zeroed;
@@ -187,7 +188,7 @@ class FluxRuntime:
 
     def _denoise(self, text, height, width, steps, seed, guidance, true_cfg, tau, rho, schedule, cfg, caches, progress):
         """``text``: [(T5 states, pooled)] of the prompt, then of the negative prompt when guided.
-        Returns (latent, step_ms, schedule, computed).
+        Returns (latent, step_ms, schedule, computed, engine_ms).
 
         Engine calls per step: one, on a batch of both passes (``cfg`` batched), or one per pass (pass 0 the
         prompt's). Every buffer with a pass dimension (velocity, residuals, TeaCache signals) is sliced per call
@@ -236,14 +237,16 @@ class FluxRuntime:
         scheduler = PatchScheduler(self.sizes, spec.native_patch, tau, rho, spec.scheduler.warmup)
         if schedule is None:
             scheduler.observe(latent)
-        used, step_ms, computed = [], [], []
+        used, step_ms, computed, engine_ms = [], [], [], []
         for i in tqdm(range(steps), desc="denoise", unit="step", disable=not progress, leave=False):
             t0 = time.perf_counter()
             factor = scheduler.next_factor() if schedule is None else schedule[i]  # a host read
             timestep.fill_(sigmas[i])
             if batched:
                 engine_latent.copy_(latent.expand_as(engine_latent))
+            t1 = time.perf_counter()
             ran = [self._call(factor, i, feeds, v, bufs[factor], cache) for feeds, v, bufs, cache in lanes]
+            engine_ms.append(elapsed_ms(t1, dev))
             if passes == 2:  # in place, into the prompt pass's row
                 guided_velocity(cond, uncond, true_cfg, out=cond)
             latent.add_(cond, alpha=sigmas[i + 1] - sigmas[i])  # Euler: z += (sigma_next - sigma) * v
@@ -254,7 +257,7 @@ class FluxRuntime:
             step_ms.append((time.perf_counter() - t0) * 1000)
             used.append(factor)
             computed.append(any(ran))
-        return latent, step_ms, used, computed
+        return latent, step_ms, used, computed, engine_ms
 
     def _call(self, factor: int, step: int, feeds: dict, velocity, buf: dict, caches) -> bool:
         """One engine call (one pass, or both batched): with ``caches`` (one per pass in the call), the probe writes

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ddit_profiles import DDiTError
 
 from .backends import backend_from_provider, open_transformers
-from .engine import OrtEngine, loop_threads, teacache_probe
+from .engine import OrtEngine, elapsed_ms, loop_threads, teacache_probe
 from .guidance import CFG_MODES, guided_velocity
 from .manifest import load_manifest
 from .pipeline import Generation
@@ -139,7 +139,7 @@ class WanRuntime:
         started = time.perf_counter()
         text = [self.encode(prompt)] + ([self.encode(negative)] if scale > 1.0 else [])
         with loop_threads(self.device):
-            latent, step_ms, used, computed = self._denoise(
+            latent, step_ms, used, computed, engine_ms = self._denoise(
                 text, (frames, height, width), steps, seed, scale, tau, rho, schedule, cfg, caches, progress
             )
         video = self.decode(latent)
@@ -164,7 +164,7 @@ class WanRuntime:
             settings["teacache_switch"] = teacache_switch
             settings["teacache_forced_by_switch"] = caches[0].forced_by_switch
             settings["teacache_reused_across_switch"] = caches[0].reused_across_switch
-        return Generation(video, used, step_ms, time.perf_counter() - started, settings, computed)
+        return Generation(video, used, step_ms, time.perf_counter() - started, settings, computed, engine_ms)
 
     def _residuals(self, passes: int, frames: int, height: int, width: int, shared: bool) -> dict[int, torch.Tensor]:
         """Per size, the residual buffer [passes, F, rows_k, cols_k, D] (pass 0 conditional, 1 unconditional).
@@ -207,7 +207,8 @@ class WanRuntime:
         return torch.empty(passes, self.probes[next(iter(self.probes))].output_dim(name), device=self.device)
 
     def _denoise(self, text, video, steps, seed, scale, tau, rho, schedule, cfg, caches, progress):
-        """``video`` is (frames, height, width). Returns (latent, step_ms, schedule, computed).
+        """``video`` is (frames, height, width). Returns (latent, step_ms, schedule, computed,
+        engine_ms).
 
         Engine calls per step: one batch of both passes (batched CFG) or one call per pass; pass 0 is the
         conditional one. Buffers with a pass dimension (residuals, the TeaCache signal) are sliced per call."""
@@ -237,20 +238,23 @@ class WanRuntime:
         scheduler = PatchScheduler(self.sizes, spec.native_patch, tau, rho, spec.scheduler.warmup)
         if schedule is None:
             scheduler.observe(latent)
-        used, step_ms, computed = [], [], []
+        used, step_ms, computed, engine_ms = [], [], [], []
         for i in tqdm(range(steps), desc="denoise", unit="step", disable=not progress, leave=False):
             t0 = time.perf_counter()
             factor = scheduler.next_factor() if schedule is None else schedule[i]
             res = residuals.get(factor)
             t_buf.fill_(float(timesteps[i]))
             buf.copy_(latent.expand(n, *shape[1:]))
-            ran = []
+            ran, in_engines = [], 0.0
             for lane, states in calls:
                 feeds = {"latent": buf, "timestep": t_buf, "encoder_hidden_states": states}
                 lanes = [None if x is None else x[lane] for x in (res, signal, caches)]
+                t1 = time.perf_counter()
                 ran.append(self._call(factor, i, feeds, velocity, *lanes))
+                in_engines += elapsed_ms(t1, dev)
                 if not batched and lane.start == 0:
                     v = velocity.clone()  # the conditional velocity, before the unconditional pass overwrites it
+            engine_ms.append(in_engines)
             if batched:
                 v = guided_velocity(velocity[:1], velocity[1:], scale)
             elif guided:
@@ -263,4 +267,4 @@ class WanRuntime:
             step_ms.append((time.perf_counter() - t0) * 1000)
             used.append(factor)
             computed.append(any(ran))
-        return latent, step_ms, used, computed
+        return latent, step_ms, used, computed, engine_ms

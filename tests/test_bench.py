@@ -99,6 +99,10 @@ def test_per_size_rows_are_consistent(report):
     for row in sizes.values():
         assert row["step_ms"] == pytest.approx(row["fixed_step_ms"] + report["scheduler_overhead_ms"])
         assert row["bare_ms"] > 0 and row["efficiency"] == pytest.approx(row["ratio"] / row["flop_ideal"])
+        assert 0 < row["loop_ms"] < row["fixed_step_ms"]  # the step's own work outside the engine calls
+    for m in report["methods"]:  # every step's engine time is part of that step
+        for steps, calls in zip(m["step_ms"], m["engine_ms"], strict=True):
+            assert len(calls) == len(steps) and all(0 < c < t for c, t in zip(calls, steps, strict=True))
     assert sizes[4]["flop_ideal"] > sizes[2]["flop_ideal"] > 1
     assert report["scheduler_overhead_ms"] > 0
     in_loop = sizes[1]["ddit_step_ms"] - sizes[1]["fixed_step_ms"]  # NaN when the report's DDiT runs had no 1p step

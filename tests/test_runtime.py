@@ -52,6 +52,7 @@ def test_generate_returns_uint8_image(native):
     assert native.image.device.type == "cpu"
     assert native.schedule == [1] * STEPS
     assert len(native.step_ms) == STEPS and all(t > 0 for t in native.step_ms)
+    assert all(0 < e < t for e, t in zip(native.engine_ms, native.step_ms, strict=True))  # engines: part of a step
     assert native.total_s > 0
     assert native.settings["schedule_mode"] == "fixed" and native.settings["steps"] == STEPS
     assert native.image.float().std() > 0  # not a blank image
@@ -242,6 +243,7 @@ def test_cli_json_and_png(tiny_engines, tmp_path):
     assert {"schedule", "step_ms", "total_s", "output", "engines"} <= set(data)
     assert data["schedule"] == [1, 1, 1, 4, 4, 4]
     assert len(data["step_ms"]) == STEPS and all(t > 0 for t in data["step_ms"])
+    assert all(0 < e < t for e, t in zip(data["engine_ms"], data["step_ms"], strict=True))
     assert data["total_s"] > 0 and data["output"] == str(out) and data["engines"] == [1, 2, 4]
     assert out.is_file() and not [p for p in out.parent.iterdir() if ".partial-" in p.name]
 

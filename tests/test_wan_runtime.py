@@ -85,6 +85,7 @@ def test_cli_writes_mp4_with_metadata(wan_engines, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["schedule"] == [1, 1, 2, 4] and report["frames"] == 9 and len(report["step_ms"]) == 4
+    assert all(0 < e < t for e, t in zip(report["engine_ms"], report["step_ms"], strict=True))
     video = iio.imread(out)
     assert video.shape == (9, 256, 256, 3)
     sidecar = json.loads((tmp_path / "clip.mp4.json").read_text())
