@@ -32,12 +32,13 @@ from ddit_runtime.manifest import load_manifest
 from ddit_runtime.scheduler import HISTORY
 
 
-def open_runtime(folder: str, policy: str):
-    engine.CPU_SPINNING = policy
+def with_policy(policy: str, make):
+    """``make()`` with ``policy`` as the spinning policy of the sessions it creates; the setting is restored after."""
+    before, engine.CPU_SPINNING = engine.CPU_SPINNING, policy
     try:
-        return runtime_class(folder)(folder, provider="cpu")
+        return make()
     finally:
-        engine.CPU_SPINNING = "during-run"
+        engine.CPU_SPINNING = before
 
 
 def bare(folder: str, policies: list[str], calls: int, sizes: list[int] | None) -> None:
@@ -52,11 +53,7 @@ def bare(folder: str, policies: list[str], calls: int, sizes: list[int] | None) 
     print("|---|" + "---|" * (len(policies) + 1))
     for k in sizes or manifest.sizes:
         path = manifest.transformer_path(k)
-        sessions = {}
-        for p in policies:
-            engine.CPU_SPINNING = p
-            sessions[p] = engine.OrtEngine(path, cpu)
-        engine.CPU_SPINNING = "during-run"
+        sessions = {p: with_policy(p, lambda path=path: engine.OrtEngine(path, cpu)) for p in policies}
         outputs = bare_outputs(spec, sessions[policies[0]], k, feeds, height, width)
         times = {p: [] for p in policies}
         for i in range(calls + 1):
@@ -87,7 +84,7 @@ def main(argv=None) -> None:
     if args.bare:
         bare(args.engines, policies, args.bare, [int(k) for k in args.sizes.split(",")] if args.sizes else None)
         return
-    runtimes = {p: open_runtime(args.engines, p) for p in policies}
+    runtimes = {p: with_policy(p, lambda: runtime_class(args.engines)(args.engines, provider="cpu")) for p in policies}
     first = next(iter(runtimes.values()))
     sizes, steps = first.sizes, first.spec.scheduler.steps
     prompts = builtin_prompts(first.spec.family, args.prompts)
