@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         print(
             f"warning: the degree-{args.degree} fit is negative or decreasing inside the data's range; try --degree 2"
         )
-    interior = (at >= 1) & (at < steps - 1)  # the steps TeaCache may skip: not the first or the last
+    interior = at < steps - 1  # the steps TeaCache may skip (at starts at 1): not the first or the last
     for name, poly in (("measured output change", None), ("fitted", fitted), ("published", published)):
         total = (y if poly is None else poly(x))[interior].sum() / (args.prompts * passes)
         print(f"sum over a generation's interior steps, {name}: {total:.3f}")
