@@ -63,14 +63,16 @@ def sensitivity(runtime: FluxRuntime, prompts, steps: int, sizes: list[int]) -> 
 def greedy(cost: dict, step_ms: dict, steps: int, sizes: list[int]) -> list[list[int]]:
     """Schedules from the cheapest (step, size) candidates per ms saved: every second prefix of one more coarse
     step, for each order (each size alone, and the cheaper size per step)."""
+
+    def per_ms(candidate: tuple[int, int]) -> float:
+        return cost[candidate] / max(step_ms[1] - step_ms[candidate[1]], 1e-6)  # a size no faster ranks last
+
     orders = {f"{k}p": [(i, k) for i in range(steps)] for k in sizes}
     if len(sizes) > 1:
-        orders["mixed"] = [
-            (i, min(sizes, key=lambda k, i=i: cost[(i, k)] / (step_ms[1] - step_ms[k]))) for i in range(steps)
-        ]
+        orders["mixed"] = [min(((i, k) for k in sizes), key=per_ms) for i in range(steps)]
     out = []
     for candidates in orders.values():
-        ranked = sorted(candidates, key=lambda c: cost[c] / max(step_ms[1] - step_ms[c[1]], 1e-6))
+        ranked = sorted(candidates, key=per_ms)
         schedule = [1] * steps
         for n, (i, k) in enumerate(ranked, start=1):
             schedule[i] = k
