@@ -207,6 +207,13 @@ def _backend_options(fn):
     "per guidance pass). Composes with the patch schedule.",
 )
 @click.option(
+    "--teacache-coefficients",
+    default=None,
+    help="TeaCache's rescaling polynomial, highest power first, comma-separated, in place of the manifest's "
+    "(FLUX.1-dev's or Wan 2.1 1.3B's published one): e.g. a fit by benchmarks/teacache_fit.py for a fine-tuned "
+    "model. Needs --teacache.",
+)
+@click.option(
     "--teacache-switch",
     type=click.Choice(["recompute", "per-size"]),
     default="recompute",
@@ -256,6 +263,7 @@ def run_main(engines, prompt, output, steps, schedule, backend, provider, cuda_g
     from ddit_runtime.text import check_prompt
 
     check_prompt(prompt)
+    opts["teacache_coefficients"] = _teacache_coefficients(opts["teacache_coefficients"], opts["teacache"] is not None)
     family = peek_family(engines)
     if family == "wan":
         load = dict(backend=backend, provider=provider, cuda_graphs=cuda_graphs, verify=not no_verify)
@@ -275,6 +283,7 @@ def run_main(engines, prompt, output, steps, schedule, backend, provider, cuda_g
         steps = runtime.spec.scheduler.steps if steps is None else steps
         fixed = parse_schedule(schedule, steps, runtime.sizes)
         keys = ("seed", "height", "width", "guidance", "true_cfg", "tau", "rho", "teacache", "teacache_switch", "cfg")
+        keys += ("teacache_coefficients",)
         negative = {} if opts["negative_prompt"] is None else {"negative_prompt": opts["negative_prompt"]}
         result = runtime.generate(
             prompt, steps=steps, schedule=fixed, progress=not as_json, **{k: opts[k] for k in keys}, **negative
@@ -298,7 +307,7 @@ def _run_wan(engines, prompt, output, steps, schedule, load, as_json, opts):
     steps = runtime.spec.scheduler.steps if steps is None else steps
     fixed = parse_schedule(schedule, steps, runtime.sizes)
     keys = ("negative_prompt", "frames", "height", "width", "seed", "guidance_scale", "tau", "rho", "cfg")
-    keys += ("teacache", "teacache_switch")
+    keys += ("teacache", "teacache_switch", "teacache_coefficients")
     result = runtime.generate(prompt, steps=steps, schedule=fixed, progress=not as_json, **{k: opts[k] for k in keys})
     settings = dict(result.settings, schedule=result.schedule)
     if opts["frames_dir"] is not None:
@@ -306,6 +315,17 @@ def _run_wan(engines, prompt, output, steps, schedule, load, as_json, opts):
     else:
         path = save_mp4(result.image, output, settings, fps=opts["fps"])
     return runtime, result, path
+
+
+def _teacache_coefficients(text: str | None, teacache_on: bool) -> tuple[float, ...] | None:
+    """--teacache-coefficients -> the polynomial, or None for the manifest's; only with TeaCache on."""
+    if text is None:
+        return None
+    if not teacache_on:
+        raise DDiTError("--teacache-coefficients rescales TeaCache's signal: add --teacache THRESH (e.g. 0.4)")
+    from ddit_runtime.teacache import parse_coefficients
+
+    return parse_coefficients(text)
 
 
 def _say_backend(runtime, as_json: bool) -> None:
@@ -544,13 +564,31 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
     help="TeaCache thresholds, comma-separated (default: the profile's presets: FLUX 0.25,0.4,0.6; Wan "
     "0.05,0.065,0.08; the tiny Wan 0.15,0.25,0.4).",
 )
+@click.option(
+    "--teacache-coefficients",
+    default=None,
+    help="TeaCache's rescaling polynomial for every TeaCache method, highest power first, comma-separated, in place "
+    "of the manifest's (e.g. a fit by benchmarks/teacache_fit.py).",
+)
 @_backend_options
 @click.option("--json", "json_out", default=None, help="Write the full report (every run) as JSON here.")
 @click.option("--plot", "plot_out", default=None, help="Write quality-vs-speed and schedule plots (PNG) here.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_one_line_errors
 def bench_main(
-    engines, prompts_file, count, seeds, steps, taus, teacache_thresholds, backend, provider, json_out, plot_out, quiet
+    engines,
+    prompts_file,
+    count,
+    seeds,
+    steps,
+    taus,
+    teacache_thresholds,
+    teacache_coefficients,
+    backend,
+    provider,
+    json_out,
+    plot_out,
+    quiet,
 ):
     """Measure every schedule on ENGINES_DIR side by side, in one process, on the same prompts and seeds.
 
@@ -580,6 +618,7 @@ def bench_main(
         backend=backend,
         provider=provider,
         progress=not quiet,
+        teacache_coefficients=_teacache_coefficients(teacache_coefficients, True),
     )
     click.echo(markdown(report))
     if json_out:

@@ -7,9 +7,10 @@ TeaCache at threshold 0: the probe runs every step and so do the blocks), with t
 CFG both passes, each with its own signal, as the runtime's accumulators see them. Between consecutive steps it
 records, per pass, the relative L1 change of the signal (block 0's modulated input, from the TeaCache probe) and
 of the model output (the pass's velocity, before guidance). A least-squares polynomial maps the first to the
-second; the coefficients (highest power first) go into the profile's ``TeaCacheSpec``. It prints the fit and how
-well the published FLUX.1-dev polynomial predicts the same data, and what each polynomial sums to over a
-generation (the threshold scale: a threshold of about sum / n computes about every n-th step).
+second; the coefficients (highest power first) go to ``ddit-run`` / ``ddit-bench --teacache-coefficients``, or
+into the profile's ``TeaCacheSpec``. It prints the fit and how well the published FLUX.1-dev polynomial predicts
+the same data, and what each polynomial sums to over a generation (the threshold scale: a threshold of about
+sum / n computes about every n-th step).
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def main(argv=None) -> int:
         print(f"R^2 of the engines' own polynomial: {r2(shipped(x)):.3f}")
     per_step = [float(np.median(y[at == j])) for j in range(1, steps)]
     print("median output change per step: " + " ".join(f"{v:.3f}" for v in per_step))
+    poly = ",".join(f"{c:.6g}" for c in fit)
+    print(f"to use the fit: ddit-run {args.engines} --teacache T --teacache-coefficients {poly} (or ddit-bench)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(x=x.tolist(), y=y.tolist(), step=at.tolist(), coefficients=fit.tolist()), f)

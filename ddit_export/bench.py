@@ -168,8 +168,19 @@ def bare_outputs(spec, engine, k: int, feeds: dict, height: int, width: int) -> 
 class Bench:
     """Runs the methods on one runtime; ``report()`` aggregates. Generation settings come from the profile."""
 
-    def __init__(self, runtime, prompts: list[Prompt], seeds: int, steps: int | None, progress: bool = True):
+    def __init__(
+        self,
+        runtime,
+        prompts: list[Prompt],
+        seeds: int,
+        steps: int | None,
+        progress: bool = True,
+        teacache_coefficients: tuple[float, ...] | None = None,
+    ):
+        """``teacache_coefficients`` (highest power first) replace the manifest's TeaCache polynomial in every
+        TeaCache method."""
         self.runtime, self.prompts, self.seeds, self.progress = runtime, prompts, seeds, progress
+        self.teacache_coefficients = teacache_coefficients
         self.spec = runtime.spec
         self.steps = steps or self.spec.scheduler.steps
         self.family = self.spec.family
@@ -239,13 +250,19 @@ class Bench:
         out += [Method(f"fixed {k}p", "fixed", dict(schedule=[k] * steps)) for k in sizes if k > 1]
         out += [Method(f"DDiT tau={t:g}", "ddit", dict(tau=t)) for t in taus]
         if self.teacache:
-            out += [Method(f"TeaCache {h:g}", "teacache", dict(schedule=[1] * steps, teacache=h)) for h in thresholds]
-            out += [Method(f"DDiT+TeaCache {h:g}", "ddit+teacache", dict(tau=tau, teacache=h)) for h in thresholds]
+            poly = {} if self.teacache_coefficients is None else dict(teacache_coefficients=self.teacache_coefficients)
+            out += [
+                Method(f"TeaCache {h:g}", "teacache", dict(schedule=[1] * steps, teacache=h, **poly))
+                for h in thresholds
+            ]
+            out += [
+                Method(f"DDiT+TeaCache {h:g}", "ddit+teacache", dict(tau=tau, teacache=h, **poly)) for h in thresholds
+            ]
             out += [  # the other switch policy: a residual per size, reusable across a switch
                 Method(
                     f"DDiT+TeaCache {h:g} per-size",
                     "ddit+teacache",
-                    dict(tau=tau, teacache=h, teacache_switch="per-size"),
+                    dict(tau=tau, teacache=h, teacache_switch="per-size", **poly),
                 )
                 for h in thresholds
             ]
@@ -436,6 +453,8 @@ class Bench:
             scheduler_overhead_pct=100 * overhead / native_ms,
             scheduler_in_loop_ms=in_loop,
             scheduler_in_loop_pct=100 * in_loop / native_ms,
+            teacache_coefficients=list(self.teacache_coefficients or self.spec.teacache.coefficients),
+            teacache_coefficients_source="--teacache-coefficients" if self.teacache_coefficients else "manifest",
             methods=rows,
         )
 
@@ -486,6 +505,9 @@ def markdown(report: dict) -> str:
             f"| {r['method']} | {r['speedup']:.2f}x | {r['mean_s']:.3f} | {r['steps']:g} ({r['computed_fraction']:.0%}) "
             f"| {r['forced_by_switch']:.1f} / {r.get('reused_across_switch', 0):.1f} | {r['coarse_fraction']:.0%} | {score} | {r['ssim']:.3f} | {psnr_} | {r['peak_rss_mb']:.0f} |"
         )
+    if report.get("teacache_coefficients_source") == "--teacache-coefficients":
+        poly = ", ".join(f"{c:g}" for c in report["teacache_coefficients"])
+        lines += ["", f"TeaCache rescaling polynomial from --teacache-coefficients (highest power first): {poly}"]
     return "\n".join(lines)
 
 
@@ -538,6 +560,7 @@ def run_bench(
     backend: str | None = None,
     provider: str | None = None,
     progress: bool = True,
+    teacache_coefficients: tuple[float, ...] | None = None,
 ) -> dict:
     from ddit_runtime import runtime_class
 
@@ -547,7 +570,7 @@ def run_bench(
     if progress:
         print(f"{runtime.backend}; {runtime.loader.resident}", file=sys.stderr, flush=True)
     prompts = read_prompt_file(prompts_file) if prompts_file else builtin_prompts(runtime.spec.family, count)
-    bench = Bench(runtime, prompts, seeds, steps, progress)
+    bench = Bench(runtime, prompts, seeds, steps, progress, teacache_coefficients)
     report = bench.run(taus, thresholds)
     report["quality_source"] = "built-in held-out captions (evaluator)" if not prompts_file else "PSNR/SSIM vs native"
     return report

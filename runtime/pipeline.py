@@ -7,6 +7,7 @@ is a choice of session: all transformer engines read the same full-resolution la
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +111,7 @@ class FluxRuntime:
         negative_prompt: str = "",
         teacache_switch: str = "recompute",
         cfg: str = "batched",
+        teacache_coefficients: Sequence[float] | None = None,
     ) -> Generation:
         """Run the whole pipeline. ``schedule`` fixes the factor per step; None lets the DDiT scheduler choose.
         ``teacache`` (a threshold such as 0.25 / 0.4 / 0.6) also skips the blocks on steps TeaCache deems cheap.
@@ -117,7 +119,8 @@ class FluxRuntime:
         v = v_neg + true_cfg * (v - v_neg), one TeaCache accumulator per pass. ``cfg``: the two passes as one engine
         call on a batch of 2 (``batched``, the default) or as two calls (``two-pass``).
         ``teacache_switch``: what a patch-size switch does to TeaCache, ``recompute`` or ``per-size`` (see
-        ``teacache``)."""
+        ``teacache``). ``teacache_coefficients`` (highest power first) replace the manifest's rescaling polynomial,
+        e.g. one ``benchmarks/teacache_fit.py`` fitted to this model."""
         spec, defaults = self.spec, self.spec.scheduler
         height = spec.opt_size[0] if height is None else height
         width = spec.opt_size[1] if width is None else width
@@ -139,10 +142,8 @@ class FluxRuntime:
         guided = true_cfg > 1.0
         caches = None
         if teacache is not None:  # one accumulator per pass: the prompt's, and the negative's when guided
-            caches = [
-                TeaCache(teacache, spec.teacache.coefficients, steps, teacache_switch)
-                for _ in range(2 if guided else 1)
-            ]
+            coefficients = spec.teacache.coefficients if teacache_coefficients is None else teacache_coefficients
+            caches = [TeaCache(teacache, coefficients, steps, teacache_switch) for _ in range(2 if guided else 1)]
             for k in self.sizes if schedule is None else sorted(set(schedule)):
                 self._probe(k)  # fail before any work when the folder has no probes
         started = time.perf_counter()
@@ -169,6 +170,7 @@ class FluxRuntime:
         )
         if caches is not None:  # every pass sees the same schedule: count the steps once
             settings["teacache_switch"] = teacache_switch
+            settings["teacache_coefficients"] = list(caches[0].coefficients)
             settings["teacache_forced_by_switch"] = caches[0].forced_by_switch
             settings["teacache_reused_across_switch"] = caches[0].reused_across_switch
         return Generation(image, used, step_ms, time.perf_counter() - started, settings, computed, engine_ms)

@@ -29,6 +29,7 @@ so in practice the two decisions agree.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -49,6 +50,21 @@ def rescale(x: torch.Tensor, coefficients: Sequence[float]) -> torch.Tensor:
     return out
 
 
+def parse_coefficients(text: str) -> tuple[float, ...]:
+    """'12.574,-1.3008,0.041905' -> (12.574, -1.3008, 0.041905): a rescaling polynomial, highest power first (what
+    ``benchmarks/teacache_fit.py`` prints), to use in place of the manifest's."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise DDiTError(
+            f"--teacache-coefficients takes finite numbers separated by commas, highest power first "
+            f"(e.g. 12.574,-1.3008,0.041905), got '{text}'"
+        )
+    return values
+
+
 SWITCH_POLICIES = ("recompute", "per-size")
 
 
@@ -61,7 +77,10 @@ class TeaCache:
             raise DDiTError(f"--teacache is a threshold >= 0 (e.g. 0.25, 0.4, 0.6), got {threshold}")
         if switch not in SWITCH_POLICIES:
             raise DDiTError(f"--teacache-switch must be one of {', '.join(SWITCH_POLICIES)}, got '{switch}'")
-        self.threshold, self.coefficients, self.steps = float(threshold), tuple(coefficients), steps
+        coefficients = tuple(float(c) for c in coefficients)
+        if not coefficients or not all(math.isfinite(c) for c in coefficients):
+            raise DDiTError(f"TeaCache's rescaling polynomial needs finite coefficients, got {coefficients}")
+        self.threshold, self.coefficients, self.steps = float(threshold), coefficients, steps
         self.per_size = switch == "per-size"
         self.reset()
 

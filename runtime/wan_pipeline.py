@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -107,11 +108,13 @@ class WanRuntime:
         teacache: float | None = None,
         progress: bool = True,
         teacache_switch: str = "recompute",
+        teacache_coefficients: Sequence[float] | None = None,
     ) -> Generation:
         """Run the whole pipeline. ``schedule`` fixes the factor per step; None lets the DDiT scheduler choose.
         ``teacache`` (a threshold such as 0.05 / 0.065 / 0.08; the tiny Wan's 20 steps: 0.15 / 0.25 / 0.4) also skips the blocks on steps TeaCache deems cheap,
         with one accumulator per classifier-free-guidance pass; ``teacache_switch`` (``recompute`` or ``per-size``)
-        is what a patch-size switch does to it (see ``teacache``)."""
+        is what a patch-size switch does to it (see ``teacache``); ``teacache_coefficients`` (highest power first)
+        replace the manifest's rescaling polynomial."""
         spec, d = self.spec, self.spec.scheduler
         frames = spec.opt_frames if frames is None else frames
         height = spec.opt_size[0] if height is None else height
@@ -133,7 +136,8 @@ class WanRuntime:
         caches = None
         if teacache is not None:  # one accumulator per pass: conditional, and unconditional when guided
             passes = 2 if scale > 1.0 else 1
-            caches = [TeaCache(teacache, spec.teacache.coefficients, steps, teacache_switch) for _ in range(passes)]
+            coefficients = spec.teacache.coefficients if teacache_coefficients is None else teacache_coefficients
+            caches = [TeaCache(teacache, coefficients, steps, teacache_switch) for _ in range(passes)]
             for k in self.sizes if schedule is None else sorted(set(schedule)):
                 self._probe(k)  # fail before any work when the folder has no probes
         started = time.perf_counter()
@@ -162,6 +166,7 @@ class WanRuntime:
         )
         if caches is not None:  # every pass sees the same schedule: count the steps once
             settings["teacache_switch"] = teacache_switch
+            settings["teacache_coefficients"] = list(caches[0].coefficients)
             settings["teacache_forced_by_switch"] = caches[0].forced_by_switch
             settings["teacache_reused_across_switch"] = caches[0].reused_across_switch
         return Generation(video, used, step_ms, time.perf_counter() - started, settings, computed, engine_ms)

@@ -50,6 +50,26 @@ def test_step_reduction_matches_the_whole_generations_time():
     assert [(m.name, m.options["steps"]) for m in fewer] == [("native 11 steps (DDiT+TeaCache 0.4's time)", 11)]
 
 
+def test_own_teacache_coefficients_reach_every_teacache_method_and_the_report():
+    class Runtime:
+        spec = get_profile("flux-tiny")
+        sizes = (1, 2, 4)
+
+    poly = (12.574, -1.3008, 0.041905)
+    methods = Bench(Runtime(), [], seeds=1, steps=4, progress=False, teacache_coefficients=poly).methods([0.002], [0.4])
+    with_tc = [m for m in methods if "teacache" in m.options]
+    assert len(with_tc) == 3 and all(m.options["teacache_coefficients"] == poly for m in with_tc)
+    assert all("teacache_coefficients" not in m.options for m in methods if m not in with_tc)
+    plain = Bench(Runtime(), [], seeds=1, steps=4, progress=False).methods([0.002], [0.4])
+    assert all("teacache_coefficients" not in m.options for m in plain)
+    head = dict(profile="flux-tiny", device="cpu", height=256, width=256, steps=4, prompts=[], seeds=1, per_size={})
+    head.update(scheduler_overhead_ms=0.1, scheduler_overhead_pct=1.0, methods=[])
+    source = dict(teacache_coefficients=list(poly), teacache_coefficients_source="--teacache-coefficients")
+    text = markdown(dict(head, **source))
+    assert "from --teacache-coefficients (highest power first): 12.574, -1.3008, 0.041905" in text
+    assert "--teacache-coefficients" not in markdown(dict(head, teacache_coefficients_source="manifest"))
+
+
 @pytest.fixture(scope="module")
 def report(tiny_engines):
     return run_bench(str(tiny_engines), count=2, seeds=1, steps=6, taus=[1e9], thresholds=[1e9], progress=False)

@@ -204,3 +204,50 @@ def test_cli_teacache_reports_computed_steps(tiny_engines, tmp_path):
     assert report["teacache"] == 100.0 and report["computed"][0] and report["computed"][-1]
     assert report["teacache_switch"] == "per-size" and "teacache_reused_across_switch" in report
     assert sum(report["computed"]) < 8 and out.is_file()
+
+
+# ---- a rescaling polynomial of one's own (--teacache-coefficients) -------------------------------------------------
+
+
+def test_parse_coefficients_takes_a_comma_list_and_refuses_the_rest():
+    from ddit_runtime.teacache import parse_coefficients
+
+    assert parse_coefficients("12.574,-1.3008,0.041905") == (12.574, -1.3008, 0.041905)
+    assert parse_coefficients(" 0.5 ") == (0.5,)
+    for bad in ("", "1,,2", "1;2", "a,b", "1,nan", "inf"):
+        with pytest.raises(DDiTError, match="finite numbers separated by commas"):
+            parse_coefficients(bad)
+    with pytest.raises(DDiTError, match="finite coefficients"):
+        TeaCache(0.4, (), STEPS)
+
+
+def test_own_coefficients_replace_the_manifests(runtime):
+    """A polynomial that rescales every change to 0 never reaches the threshold (only the first and last steps
+    run); one that rescales it to 10^6 always does; without one the manifest's is used and recorded."""
+    kw = dict(steps=STEPS, seed=2, schedule=[1] * STEPS, teacache=0.5, progress=False)
+    never = runtime.generate(PROMPT, teacache_coefficients=(0.0,), **kw)
+    always = runtime.generate(PROMPT, teacache_coefficients=(1e6, 0.0), **kw)
+    default = runtime.generate(PROMPT, **kw)
+    assert never.computed == [True] + [False] * (STEPS - 2) + [True]
+    assert always.computed == [True] * STEPS
+    assert never.settings["teacache_coefficients"] == [0.0] and always.settings["teacache_coefficients"] == [1e6, 0.0]
+    assert default.settings["teacache_coefficients"] == list(runtime.spec.teacache.coefficients)
+    assert default.computed not in (never.computed, always.computed)  # the published polynomial is neither
+
+
+def test_cli_teacache_coefficients(tiny_engines, tmp_path):
+    out = tmp_path / "c.png"
+    base = [str(tiny_engines), "--prompt", PROMPT, "--steps", "6", "-o", str(out)]
+    result = CliRunner().invoke(run_main, [*base, "--teacache", "0.5", "--teacache-coefficients", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["computed"] == [True, False, False, False, False, True] and report["teacache_coefficients"] == [0.0]
+    out.unlink()
+    for extra, message in (
+        (["--teacache", "0.5", "--teacache-coefficients", "1,x"], "finite numbers separated by commas"),
+        (["--teacache-coefficients", "0"], "add --teacache"),
+    ):
+        result = CliRunner().invoke(run_main, [*base, *extra])
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+        assert not out.exists()

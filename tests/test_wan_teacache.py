@@ -146,6 +146,14 @@ def test_huge_threshold_computes_first_and_last_only(runtime, monkeypatch, cfg, 
 
 
 @pytest.mark.parametrize("cfg", ["batched", "two-pass"])
+def test_own_coefficients_replace_the_manifests(runtime, cfg):
+    never = _generate(runtime, schedule=[1] * STEPS, cfg=cfg, teacache=0.05, teacache_coefficients=(0.0,))
+    always = _generate(runtime, schedule=[1] * STEPS, cfg=cfg, teacache=0.05, teacache_coefficients=(1e6,))
+    assert never.computed == [True, False, False, False, False, True] and always.computed == [True] * STEPS
+    assert never.settings["teacache_coefficients"] == [0.0]
+
+
+@pytest.mark.parametrize("cfg", ["batched", "two-pass"])
 def test_a_patch_size_switch_forces_a_full_step(runtime, cfg):
     result = _generate(runtime, schedule=[1, 1, 2, 2, 4, 4], cfg=cfg, teacache=1e9)
     assert result.computed == [True, False, True, False, True, True]
