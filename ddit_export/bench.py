@@ -90,6 +90,19 @@ def _median(xs) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def _outside_ms(methods, keep, with_size: bool = False) -> list:
+    """Each step's time outside its engine calls (step ms - engine ms: the scheduler, buffers, guidance, Euler
+    update), over the methods' runs, for the steps ``keep(step index, factor)`` accepts; ``with_size``: as
+    (factor, ms) pairs."""
+    out = []
+    for m in methods:
+        for r in m.runs:
+            for i, (k, step, call) in enumerate(zip(r["schedule"], r["step_ms"], r["engine_ms"], strict=True)):
+                if keep(i, k):
+                    out.append((k, step - call) if with_size else step - call)
+    return out
+
+
 def _mean(xs) -> float:
     xs = [x for x in xs if x == x and x != float("inf")]
     return statistics.fmean(xs) if xs else float("nan")
@@ -404,8 +417,22 @@ class Bench:
         native_ms = per_size[1]["fixed_step_ms"]
         # In the loop the scheduler costs more than alone (its torch ops also delay the next engine call), so the
         # overhead is also read off the runs themselves: the median DDiT step at the native size less the median
-        # fixed-schedule native step, measured interleaved. NaN when no DDiT run stayed native for a step.
+        # fixed-schedule native step, measured interleaved. NaN when no DDiT run stayed native for a step. Whole
+        # steps are moved by a method's place in the interleaved order (measured 2026-12-04: DDiT's warm-up steps,
+        # where the scheduler only stores the latent, were as much slower), so the direct cost is also read off
+        # the time outside the engine calls, where the scheduler runs: DDiT's deciding steps less the fixed
+        # schedule's steps of the same size and step indices.
         in_loop = per_size[1]["ddit_step_ms"] - native_ms
+        warm = self.spec.scheduler.warmup
+        fixed_outside = {
+            k: _median(_outside_ms([m], lambda i, f: i >= warm))
+            for k in self.runtime.sizes
+            for m in self.done
+            if m.kind in ("baseline", "fixed") and m.options["schedule"][0] == k
+        }
+        ddit = [m for m in self.done if m.kind == "ddit"]
+        excess = [ms - fixed_outside[k] for k, ms in _outside_ms(ddit, lambda i, f: i >= warm, with_size=True)]
+        direct = _median(excess)
         rows = []
         for m in self.done:
             total = sum(r["total_s"] for r in m.runs)
@@ -453,6 +480,8 @@ class Bench:
             scheduler_overhead_pct=100 * overhead / native_ms,
             scheduler_in_loop_ms=in_loop,
             scheduler_in_loop_pct=100 * in_loop / native_ms,
+            scheduler_in_loop_direct_ms=direct,
+            scheduler_in_loop_direct_pct=100 * direct / native_ms,
             teacache_coefficients=list(self.teacache_coefficients or self.spec.teacache.coefficients),
             teacache_coefficients_source="--teacache-coefficients" if self.teacache_coefficients else "manifest",
             methods=rows,
@@ -486,11 +515,18 @@ def markdown(report: dict) -> str:
         f"{report['scheduler_overhead_pct']:.2f}% of a native step, timed alone (runtime step = fixed-schedule step "
         "+ this)",
     ]
+    direct = report.get("scheduler_in_loop_direct_ms", float("nan"))  # reports before 2026-12-04 have none
+    if direct == direct:
+        lines.append(
+            f"in the loop, outside the engine calls: a DDiT step after the warm-up takes {direct:.3f} ms more than a "
+            f"fixed-schedule step of its size = {report['scheduler_in_loop_direct_pct']:.2f}% of a native step "
+            "(the scheduler's own cost there)"
+        )
     in_loop = report.get("scheduler_in_loop_ms", float("nan"))
     if in_loop == in_loop:
         lines.append(
-            f"in the loop: a DDiT step at 1p takes {in_loop:.3f} ms more than a fixed-schedule 1p step (medians) = "
-            f"{report['scheduler_in_loop_pct']:.2f}% of a native step"
+            f"in the loop, whole steps: a DDiT step at 1p takes {in_loop:.3f} ms more than a fixed-schedule 1p step "
+            f"(medians) = {report['scheduler_in_loop_pct']:.2f}% of a native step (also moved by the methods' order)"
         )
     lines += [
         "",
