@@ -381,9 +381,10 @@ class Bench:
         if not self.bare_samples:  # ddit-bench: timed now, after the methods; per_size.py: beside each round
             self.bare_engine_ms()
         bare = {k: _median(ts) for k, ts in self.bare_samples.items()}
-        per_size = {}
+        per_size, fixed_by_size = {}, {}
         for k in self.runtime.sizes:
             fixed = next(m for m in self.done if m.kind in ("baseline", "fixed") and m.options["schedule"][0] == k)
+            fixed_by_size[k] = fixed
             observed = [
                 ms
                 for m in self.done
@@ -395,9 +396,7 @@ class Bench:
             fixed_ms = _median([ms for r in fixed.runs for ms in r["step_ms"]])
             # The step's own time outside the engine calls (buffers, guidance, Euler update), read off the same
             # steps: unlike the bare column, no drift between two phases of the run can move it.
-            loop_ms = _median(
-                [step - call for r in fixed.runs for step, call in zip(r["step_ms"], r["engine_ms"], strict=True)]
-            )
+            loop_ms = _median(_outside_ms([fixed], lambda i, f: True))
             per_size[k] = dict(
                 step_ms=fixed_ms + overhead,
                 fixed_step_ms=fixed_ms,
@@ -424,12 +423,8 @@ class Bench:
         # schedule's steps of the same size and step indices.
         in_loop = per_size[1]["ddit_step_ms"] - native_ms
         warm = self.spec.scheduler.warmup
-        fixed_outside = {
-            k: _median(_outside_ms([m], lambda i, f: i >= warm))
-            for k in self.runtime.sizes
-            for m in self.done
-            if m.kind in ("baseline", "fixed") and m.options["schedule"][0] == k
-        }
+        # the same fixed runs as the per-size rows (the first native pass, not the one beside step reduction)
+        fixed_outside = {k: _median(_outside_ms([m], lambda i, f: i >= warm)) for k, m in fixed_by_size.items()}
         ddit = [m for m in self.done if m.kind == "ddit"]
         excess = [ms - fixed_outside[k] for k, ms in _outside_ms(ddit, lambda i, f: i >= warm, with_size=True)]
         direct = _median(excess)
