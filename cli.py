@@ -557,6 +557,14 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
 )
 @click.option("--seeds", type=int, default=1, show_default=True, help="Seeds per prompt.")
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the manifest's).")
+@click.option(
+    "--height",
+    type=int,
+    default=None,
+    help="Height in pixels of every generation, bare call and FLOP count (default: the profile's opt size).",
+)
+@click.option("--width", type=int, default=None, help="Width in pixels (default: the profile's opt size).")
+@click.option("--frames", type=int, default=None, help="Wan: video frames, 4n+1 (default: the profile's).")
 @click.option("--taus", default=None, help="DDiT tau presets, comma-separated (default: tau/2, tau, 2 tau).")
 @click.option(
     "--teacache-thresholds",
@@ -581,6 +589,9 @@ def bench_main(
     count,
     seeds,
     steps,
+    height,
+    width,
+    frames,
     taus,
     teacache_thresholds,
     teacache_coefficients,
@@ -602,8 +613,9 @@ def bench_main(
     quality (PSNR/SSIM against the baseline's images, and the evaluator's score on the built-in prompts).
 
     \b
-    Example:
+    Examples:
       ddit-bench engines/ --count 16 --json bench.json --plot bench.png
+      ddit-bench engines/ --prompts my_prompts.txt --height 768 --width 1360 --json bench.json
     """
     from ddit_export.bench import markdown, plot, run_bench, write_json
 
@@ -619,6 +631,9 @@ def bench_main(
         provider=provider,
         progress=not quiet,
         teacache_coefficients=_teacache_coefficients(teacache_coefficients, True),
+        height=height,
+        width=width,
+        frames=frames,
     )
     click.echo(markdown(report))
     if json_out:

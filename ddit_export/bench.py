@@ -136,6 +136,21 @@ class Method:
     base: Method | None = None  # the baseline run interleaved with this one: its speedup is against that
 
 
+def bench_shape(spec, sizes, height=None, width=None, frames=None) -> tuple[int, int, int | None]:
+    """The benchmark's (height, width, frames): the given ones, else the profile's opt shape; frames is None for
+    FLUX. With the engines' ``sizes`` it is checked as the runtime checks a generation (one-line errors)."""
+    if frames is not None and spec.family != "wan":
+        raise DDiTError(f"--frames is for Wan (video) engines; this folder holds {spec.family} (image) engines")
+    height = spec.opt_size[0] if height is None else height
+    width = spec.opt_size[1] if width is None else width
+    frames = (spec.opt_frames if frames is None else frames) if spec.family == "wan" else None
+    if sizes is not None:
+        if frames is not None:
+            spec.check_frames(frames)
+        spec.check_resolution(height, width, tuple(sizes))
+    return height, width, frames
+
+
 def call_batch(spec) -> int:
     """The batch of one engine call in the runtime's step: 2 under batched guidance (the runtimes' default: FLUX's
     true CFG above 1, Wan's guidance scale above 1), else 1."""
@@ -143,12 +158,13 @@ def call_batch(spec) -> int:
     return 2 if (d.true_cfg if spec.family == "flux" else d.guidance) > 1.0 else 1
 
 
-def bare_feeds(spec, height: int, width: int, batch: int, device) -> dict[str, torch.Tensor]:
-    """Random inputs of one transformer call at ``height`` x ``width`` (Wan: the profile's opt frame count): the
-    same for every size, as the engines share one contract."""
+def bare_feeds(spec, height: int, width: int, batch: int, device, frames: int | None = None) -> dict[str, torch.Tensor]:
+    """Random inputs of one transformer call at ``height`` x ``width`` (Wan: ``frames`` video frames, default the
+    profile's opt count): the same for every size, as the engines share one contract."""
     lh, lw = spec.latent_hw(height, width)
     if spec.family == "wan":
-        latent = torch.randn(batch, spec.latent_channels, spec.latent_frames(spec.opt_frames), lh, lw, device=device)
+        lf = spec.latent_frames(spec.opt_frames if frames is None else frames)
+        latent = torch.randn(batch, spec.latent_channels, lf, lh, lw, device=device)
         text = (batch, spec.t5_max_length, spec.text_dim)
     else:
         latent = torch.randn(batch, spec.latent_channels, lh, lw, device=device)
@@ -189,15 +205,23 @@ class Bench:
         steps: int | None,
         progress: bool = True,
         teacache_coefficients: tuple[float, ...] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        frames: int | None = None,
     ):
         """``teacache_coefficients`` (highest power first) replace the manifest's TeaCache polynomial in every
-        TeaCache method."""
+        TeaCache method. ``height``, ``width`` and (Wan) ``frames`` set the shape every generation, bare call,
+        scheduler timing and FLOP count uses (default: the profile's opt shape); a shape given is checked against
+        the engines first, so a bad one fails before any work."""
         self.runtime, self.prompts, self.seeds, self.progress = runtime, prompts, seeds, progress
         self.teacache_coefficients = teacache_coefficients
         self.spec = runtime.spec
         self.steps = steps or self.spec.scheduler.steps
         self.family = self.spec.family
-        self.height, self.width = self.spec.opt_size
+        explicit = (height, width, frames) != (None, None, None)
+        self.height, self.width, self.frames = bench_shape(
+            self.spec, runtime.sizes if explicit else None, height, width, frames
+        )
         self.teacache = True  # both runtimes take generate(..., teacache=THRESH)
         self.native: dict[tuple[int, int], torch.Tensor] = {}
         self.bare_samples: dict[int, list[float]] = {}  # every bare call timed so far, per size
@@ -207,7 +231,11 @@ class Bench:
     def _generate(self, prompt: Prompt, seed: int, options: dict):
         opts = dict(options)
         steps = opts.pop("steps", self.steps)
-        return self.runtime.generate(prompt.text, steps=steps, seed=seed, progress=False, **opts)
+        if self.frames is not None:
+            opts["frames"] = self.frames
+        return self.runtime.generate(
+            prompt.text, height=self.height, width=self.width, steps=steps, seed=seed, progress=False, **opts
+        )
 
     def run_method(self, method: Method) -> Method:
         """One method on every prompt and seed (see ``run_methods`` for several, interleaved)."""
@@ -252,6 +280,7 @@ class Bench:
                 ssim=_mean([ssim(a, b) for a, b in pairs]),
                 psnr=_psnr_mean([psnr(a, b) for a, b in pairs]),
                 rss_mb=_rss_mb(),
+                output_shape=list(result.image.shape),  # [3, H, W], or [F, 3, H, W] for a video
             )
         )
 
@@ -331,7 +360,7 @@ class Bench:
         spec, dev = self.spec, self.runtime.device
         shape = (1, spec.latent_channels, *spec.latent_hw(self.height, self.width))
         if self.family == "wan":
-            shape = (1, spec.latent_channels, spec.latent_frames(spec.opt_frames), *shape[2:])
+            shape = (1, spec.latent_channels, spec.latent_frames(self.frames), *shape[2:])
         sched = PatchScheduler(self.runtime.sizes, spec.native_patch, spec.scheduler.tau, spec.scheduler.rho, 0)
         latent = torch.randn(shape, device=dev)
         for _ in range(4):
@@ -347,7 +376,7 @@ class Bench:
         preallocated buffers, nothing else), over these ``reps`` calls; every call is also kept in
         ``bare_samples``, which ``report`` uses when there are any."""
         dev = self.runtime.device
-        feeds = bare_feeds(self.spec, self.height, self.width, self.call_batch, dev)
+        feeds = bare_feeds(self.spec, self.height, self.width, self.call_batch, dev, self.frames)
         bound = {}
         for k, engine in self.runtime.engines.items():
             outputs = bare_outputs(self.spec, engine, k, feeds, self.height, self.width)
@@ -368,9 +397,9 @@ class Bench:
         return {k: _median(ts) for k, ts in times.items()}
 
     def _flops(self, k: int) -> float:
-        """The profile's analytic FLOPs of one call at size ``k`` (Wan: at the profile's opt frame count)."""
+        """The profile's analytic FLOPs of one call at size ``k`` at the benchmark's shape."""
         if self.family == "wan":
-            return self.spec.step_flops(k, self.spec.opt_frames, self.height, self.width)
+            return self.spec.step_flops(k, self.frames, self.height, self.width)
         return self.spec.step_flops(k, self.height, self.width)
 
     def report(self) -> dict:
@@ -451,6 +480,7 @@ class Bench:
                     psnr=_psnr_mean([r["psnr"] for r in m.runs]),
                     peak_rss_mb=max(r["rss_mb"] for r in m.runs),
                     schedules=[r["schedule"] for r in m.runs],
+                    output_shapes=[r["output_shape"] for r in m.runs],
                     computed=[r["computed"] for r in m.runs],
                     step_ms=[r["step_ms"] for r in m.runs],
                     engine_ms=[r["engine_ms"] for r in m.runs],
@@ -465,6 +495,7 @@ class Bench:
             backend=self.runtime.backend.name,
             height=self.height,
             width=self.width,
+            frames=self.frames,
             steps=self.steps,
             call_batch=self.call_batch,
             prompts=[p.text for p in self.prompts],
@@ -486,7 +517,8 @@ class Bench:
 def markdown(report: dict) -> str:
     """The report as two markdown tables (per size; per method) and the scheduler overhead."""
     lines = [
-        f"{report['profile']} on {report['device']} ({report.get('backend', 'ort')}), {report['height']}x{report['width']}, {report['steps']} steps, "
+        f"{report['profile']} on {report['device']} ({report.get('backend', 'ort')}), {report['height']}x{report['width']}"
+        f"{', ' + str(report['frames']) + ' frames' if report.get('frames') else ''}, {report['steps']} steps, "
         f"{len(report['prompts'])} prompts x {report['seeds']} seeds",
         "",
         "| size | runtime step ms | of which outside the engines | ratio | DDiT's steps ms | bare engine ms | bare ratio "
@@ -592,16 +624,23 @@ def run_bench(
     provider: str | None = None,
     progress: bool = True,
     teacache_coefficients: tuple[float, ...] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
 ) -> dict:
     from ddit_runtime import runtime_class
+    from ddit_runtime.manifest import load_manifest
 
     if seeds < 1 or count < 1:
         raise DDiTError("--seeds and --count must be at least 1")
+    if (height, width, frames) != (None, None, None):  # a bad shape fails before the sessions load (minutes at
+        manifest = load_manifest(engines, verify=False)  # real widths); the runtime verifies the files after
+        bench_shape(manifest.spec, manifest.sizes, height, width, frames)
     runtime = runtime_class(engines)(engines, backend=backend, provider=provider)
     if progress:
         print(f"{runtime.backend}; {runtime.loader.resident}", file=sys.stderr, flush=True)
     prompts = read_prompt_file(prompts_file) if prompts_file else builtin_prompts(runtime.spec.family, count)
-    bench = Bench(runtime, prompts, seeds, steps, progress, teacache_coefficients)
+    bench = Bench(runtime, prompts, seeds, steps, progress, teacache_coefficients, height, width, frames)
     report = bench.run(taus, thresholds)
     report["quality_source"] = "built-in held-out captions (evaluator)" if not prompts_file else "PSNR/SSIM vs native"
     return report

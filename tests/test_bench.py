@@ -183,6 +183,33 @@ def test_cli_bad_input_is_one_line(tiny_engines, tmp_path):
     assert result.exit_code == 2 and "cannot parse --taus 'fast'" in result.output
     result = CliRunner().invoke(bench_main, [str(tiny_engines), "--prompts", str(tmp_path / "none.txt")])
     assert result.exit_code == 2 and "does not exist" in result.output and "Traceback" not in result.output
+    out = tmp_path / "bench.json"
+    for args, words in [
+        (["--height", "200"], ["200x256", "multiples of 64"]),
+        (["--height", "2048", "--width", "2048"], ["2048x2048", "outside", "128x128 to 512x512"]),
+        (["--frames", "9"], ["--frames is for Wan", "flux (image) engines"]),
+    ]:
+        result = CliRunner().invoke(bench_main, [str(tiny_engines), *args, "--json", str(out), "--quiet"])
+        assert result.exit_code == 2 and all(w in result.output for w in words), result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+        assert not out.exists()
+
+
+def test_bench_runs_every_method_at_the_asked_resolution(tiny_engines):
+    """``--height``/``--width``: every generation, the bare calls and the FLOP-ideal ratios use that shape, not the
+    profile's opt size (flux-tiny: 256x256)."""
+    spec = get_profile("flux-tiny")
+    report = run_bench(
+        str(tiny_engines), count=1, steps=3, taus=[1e9], thresholds=[1e9], progress=False, height=128, width=192
+    )
+    assert (report["height"], report["width"], report["frames"]) == (128, 192, None)
+    for m in report["methods"]:
+        assert m["output_shapes"] == [[3, 128, 192]], m["method"]
+    for k, row in report["per_size"].items():
+        assert row["flop_ideal"] == pytest.approx(spec.step_flops(1, 128, 192) / spec.step_flops(k, 128, 192))
+        assert row["bare_ms"] > 0
+    assert report["per_size"][4]["flop_ideal"] < spec.step_flops(1, 256, 256) / spec.step_flops(4, 256, 256)
+    assert markdown(report).startswith("flux-tiny on cpu (ort-cpu), 128x192, 3 steps")
 
 
 def test_bare_calls_timed_between_rounds_are_what_the_report_uses(tiny_engines):

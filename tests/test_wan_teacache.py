@@ -13,8 +13,9 @@ import torch
 from click.testing import CliRunner
 
 from ddit_cli import run_main
-from ddit_export.bench import Bench, builtin_prompts
+from ddit_export.bench import Bench, Method, bare_feeds, builtin_prompts
 from ddit_export.onnx_io import complex_tensors, double_tensors, ort_session
+from ddit_profiles import DDiTError
 from ddit_runtime import wan_pipeline
 from ddit_runtime.teacache import TeaCache, any_compute
 from ddit_runtime.wan_pipeline import WanRuntime
@@ -210,6 +211,22 @@ def test_bench_offers_teacache_methods_for_wan(runtime):
     bench.run_method(methods["native"])
     tea = bench.run_method(methods["TeaCache 1e+09"])
     assert tea.runs[0]["computed"] == [True, False, False, True] and tea.runs[0]["ssim"] < 1.0
+
+
+def test_bench_runs_wan_at_the_asked_frame_count(runtime):
+    """``ddit-bench --frames``: the generations, the bare calls, the scheduler timing and the FLOP count all take
+    the asked frame count (wan-tiny's opt is 9); a count that is not 4n+1 is refused before any work."""
+    spec = runtime.spec
+    bench = Bench(runtime, builtin_prompts("wan", 1), seeds=1, steps=2, progress=False, frames=5)
+    assert (bench.height, bench.width, bench.frames) == (*spec.opt_size, 5)
+    native = bench.run_method(Method("native", "baseline", dict(schedule=[1, 1])))
+    assert native.runs[0]["output_shape"] == [5, 3, *spec.opt_size]
+    assert bench._flops(1) == spec.step_flops(1, 5, *spec.opt_size) < spec.step_flops(1, 9, *spec.opt_size)
+    feeds = bare_feeds(spec, *spec.opt_size, 1, runtime.device, bench.frames)
+    assert feeds["latent"].shape[2] == spec.latent_frames(5)
+    assert bench.bare_engine_ms(1).keys() == set(runtime.sizes)
+    with pytest.raises(DDiTError, match="4n\\+1"):
+        Bench(runtime, [], seeds=1, steps=2, progress=False, frames=6)
 
 
 @pytest.mark.parametrize("cfg", ["batched", "two-pass"])
