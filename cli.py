@@ -293,6 +293,7 @@ def run_main(engines, prompt, output, steps, schedule, backend, provider, cuda_g
 
 
 def _run_wan(engines, prompt, output, steps, schedule, load, as_json, opts):
+    from ddit_runtime.outputs import check_frames_dir
     from ddit_runtime.scheduler import parse_schedule
     from ddit_runtime.video import check_video_path, save_frames, save_mp4
     from ddit_runtime.wan_pipeline import WanRuntime
@@ -302,6 +303,8 @@ def _run_wan(engines, prompt, output, steps, schedule, load, as_json, opts):
             raise DDiTError(f"--{flux_only.replace('_', '-')} is FLUX's: use --guidance-scale for Wan engines")
     if opts["frames_dir"] is None:
         output = check_video_path(output or "ddit.mp4")
+    else:
+        check_frames_dir(opts["frames_dir"])
     runtime = WanRuntime(engines, **load)
     _say_backend(runtime, as_json)
     steps = runtime.spec.scheduler.steps if steps is None else steps
@@ -617,8 +620,13 @@ def bench_main(
       ddit-bench engines/ --count 16 --json bench.json --plot bench.png
       ddit-bench engines/ --prompts my_prompts.txt --height 768 --width 1360 --json bench.json
     """
-    from ddit_export.bench import markdown, plot, run_bench, write_json
+    from ddit_export.bench import check_plot_path, markdown, plot, run_bench, write_json
+    from ddit_runtime.outputs import check_writable
 
+    if json_out:  # checked before the run: it can take minutes, and its report must have somewhere to go
+        check_writable(json_out, "--json")
+    if plot_out:
+        check_plot_path(plot_out)
     report = run_bench(
         engines,
         prompts_file,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ddit_export.bench import Bench, Method, builtin_prompts, markdown, write_json
+from ddit_export.bench import Bench, Method, builtin_prompts, markdown, writable_json, write_json
 from ddit_profiles import DDiTError
 from ddit_runtime import runtime_class
 
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--height", type=int, default=None, help="pixels (default: the profile's opt size)")
     ap.add_argument("--width", type=int, default=None, help="pixels (default: the profile's opt size)")
     ap.add_argument("--frames", type=int, default=None, help="Wan: video frames, 4n+1 (default: the profile's)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=writable_json, default=None)
     args = ap.parse_args(argv)
     try:
         runtime = runtime_class(args.engines)(args.engines, provider="cpu")

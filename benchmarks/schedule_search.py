@@ -30,7 +30,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-from ddit_export.bench import HELD_OUT_SEED, builtin_prompts, example
+from ddit_export.bench import HELD_OUT_SEED, builtin_prompts, example, writable_json
 from ddit_export.quality import ssim
 from ddit_runtime.pipeline import FluxRuntime
 
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=16, help="held-out captions (ddit-bench's, same seeds)")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the manifest's)")
     ap.add_argument("--band", type=float, default=0.03, help="score band below native for 'fastest within'")
-    ap.add_argument("--json", default=None, help="write every row and the sensitivity costs here")
+    ap.add_argument("--json", type=writable_json, default=None, help="write every row and the sensitivity costs here")
     args = ap.parse_args(argv)
 
     runtime = FluxRuntime(args.engines)

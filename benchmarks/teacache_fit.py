@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import torch
 
-from ddit_export.bench import HELD_OUT_SEED, example
+from ddit_export.bench import HELD_OUT_SEED, example, writable_json
 from ddit_profiles import TeaCacheSpec
 from ddit_runtime.pipeline import FluxRuntime
 from ddit_runtime.teacache import relative_l1
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--degree", type=int, default=4)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=writable_json, default=None)
     args = ap.parse_args(argv)
     runtime = FluxRuntime(args.engines, provider="cpu", sizes=[1])
     steps = args.steps or runtime.spec.scheduler.steps

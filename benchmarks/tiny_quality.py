@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from ddit_export.bench import HELD_OUT_SEED, example, frames_of, write_json
+from ddit_export.bench import HELD_OUT_SEED, example, frames_of, writable_json, write_json
 from ddit_export.quality import psnr, ssim
 from ddit_runtime.manifest import load_manifest
 from ddit_runtime.pipeline import FluxRuntime
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rho", type=float, default=None, help="the scheduler's quantile (default: the profile's)")
     ap.add_argument("--sizes", default=None, help="load only these exported patch sizes, e.g. 1,2 (default: all)")
     ap.add_argument("--offset", type=int, default=0, help="shift the held-out seeds (e.g. for a calibration set)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=writable_json, default=None)
     args = ap.parse_args(argv)
     started = time.time()
     family = load_manifest(args.engines, verify=False).spec.family

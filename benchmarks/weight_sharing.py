@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ddit_export.bench import writable_json
+
 SIZES = (1, 2, 4)
 VARIANTS = ("merged", "merged-noprepack", "shared-noprepack", "shared")
 
@@ -211,7 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="timed runs per size after one warm-up")
     ap.add_argument("--work", default=None, help="folder for the graphs (default: a temporary one, removed after)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=writable_json, default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:

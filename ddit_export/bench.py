@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddit_profiles import DDiTError
+from ddit_runtime.outputs import check_writable, discard
 
 from .evaluator import evaluate, evaluate_frames, frame_scores
 from .quality import psnr, ssim
@@ -64,7 +65,13 @@ def read_prompt_file(path: str) -> list[Prompt]:
     p = Path(path)
     if not p.is_file():
         raise DDiTError(f"prompt file '{path}' does not exist: give a text file with one prompt per line")
-    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DDiTError(f"prompt file '{path}' is not UTF-8 text: save it as UTF-8, one prompt per line") from None
+    except OSError as e:
+        raise DDiTError(f"cannot read prompt file '{path}' ({e.strerror or e})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise DDiTError(f"prompt file '{path}' has no prompts: put one prompt per line")
     return [Prompt(line) for line in lines]
@@ -216,7 +223,7 @@ class Bench:
         self.runtime, self.prompts, self.seeds, self.progress = runtime, prompts, seeds, progress
         self.teacache_coefficients = teacache_coefficients
         self.spec = runtime.spec
-        self.steps = steps or self.spec.scheduler.steps
+        self.steps = self.spec.scheduler.steps if steps is None else steps
         self.family = self.spec.family
         explicit = (height, width, frames) != (None, None, None)
         self.height, self.width, self.frames = bench_shape(
@@ -574,8 +581,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict, path: str) -> Path:
-    """Quality against speedup for every method, and DDiT's patch schedule per prompt (default tau)."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -583,6 +589,20 @@ def plot(report: dict, path: str) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise DDiTError("--plot needs matplotlib: pip install matplotlib (or 'ddit-toolchain[bench]')") from None
+    return plt
+
+
+def check_plot_path(path: str) -> Path:
+    """Refuse a ``--plot`` that is not a writable .png, or matplotlib missing, before the benchmark runs."""
+    if Path(path).suffix.lower() != ".png":
+        raise DDiTError(f"--plot '{path}' must end in .png")
+    _pyplot()
+    return check_writable(path, "--plot")
+
+
+def plot(report: dict, path: str) -> Path:
+    """Quality against speedup for every method, and DDiT's patch schedule per prompt (default tau)."""
+    plt = _pyplot()
     rows = report["methods"]
     use_score = all(r["score"] is not None for r in rows)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
@@ -606,9 +626,14 @@ def plot(report: dict, path: str) -> Path:
     fig.tight_layout()
     out = Path(path)
     tmp = out.with_name(f".{out.name}.partial.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(out)
+    except OSError as e:
+        discard(tmp)
+        raise DDiTError(f"cannot write --plot '{out}' ({e.strerror or e}): pick a writable path") from None
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -633,22 +658,41 @@ def run_bench(
 
     if seeds < 1 or count < 1:
         raise DDiTError("--seeds and --count must be at least 1")
+    if steps is not None and steps < 1:
+        raise DDiTError(f"--steps must be at least 1, got {steps}")
+    prompts = read_prompt_file(prompts_file) if prompts_file else None  # before the sessions load
     if (height, width, frames) != (None, None, None):  # a bad shape fails before the sessions load (minutes at
         manifest = load_manifest(engines, verify=False)  # real widths); the runtime verifies the files after
         bench_shape(manifest.spec, manifest.sizes, height, width, frames)
     runtime = runtime_class(engines)(engines, backend=backend, provider=provider)
     if progress:
         print(f"{runtime.backend}; {runtime.loader.resident}", file=sys.stderr, flush=True)
-    prompts = read_prompt_file(prompts_file) if prompts_file else builtin_prompts(runtime.spec.family, count)
+    prompts = prompts or builtin_prompts(runtime.spec.family, count)
     bench = Bench(runtime, prompts, seeds, steps, progress, teacache_coefficients, height, width, frames)
     report = bench.run(taus, thresholds)
     report["quality_source"] = "built-in held-out captions (evaluator)" if not prompts_file else "PSNR/SSIM vs native"
     return report
 
 
+def writable_json(path: str) -> str:
+    """argparse ``type=`` for the benchmark scripts' ``--json``: refused at parse time, before minutes of work."""
+    import argparse
+
+    try:
+        check_writable(path, "--json")
+    except DDiTError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return path
+
+
 def write_json(report: dict, path: str) -> Path:
     out = Path(path)
     tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        tmp.replace(out)
+    except OSError as e:
+        discard(tmp)
+        raise DDiTError(f"cannot write --json '{out}' ({e.strerror or e}): pick a writable path") from None
     return out

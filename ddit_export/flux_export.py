@@ -17,7 +17,7 @@ from ddit_profiles import DDiTError, FluxSpec
 from .adapters import resolve_adapters
 from .flux_model import Float32FluxPosEmbed, FluxEngine, FluxTeaCacheProbe, size_variant
 from .loading import load_flux, with_vae_normalisation
-from .manifest import export_graphs, source_block, staging_folder, write_manifest
+from .manifest import check_output_folder, export_graphs, source_block, staging_folder, write_manifest
 from .onnx_io import check_parity, export_checked, export_onnx
 
 
@@ -251,8 +251,7 @@ def export_flux(
     transformer graphs and TeaCache probes (see ``onnx_io.TypedGraph``); the text encoders and the VAE stay float32."""
     factors = spec.check_factors(factors)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise DDiTError(f"output folder '{out_dir}' already exists: pass --force to replace it, or pick another -o")
+    check_output_folder(out_dir, force)
     started = time.time()
     parts = load_flux(model, spec)
     spec = with_vae_normalisation(spec, parts["vae"])  # the manifest records the checkpoint's own

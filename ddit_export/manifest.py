@@ -11,8 +11,19 @@ from pathlib import Path
 
 from ddit_profiles import DDiTError, FluxSpec
 from ddit_runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from ddit_runtime.outputs import check_folder_writable
 
 from . import __version__
+
+
+def check_output_folder(out_dir: Path, force: bool) -> None:
+    """Refuse an engines folder before the model loads (minutes at real sizes): one that exists without ``force``,
+    or one whose parent, where the export stages it, cannot be written."""
+    if out_dir.exists() and not force:
+        raise DDiTError(f"output folder '{out_dir}' already exists: pass --force to replace it, or pick another -o")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DDiTError(f"-o '{out_dir}' is a file: give a folder")
+    check_folder_writable(out_dir.resolve().parent, "-o", out_dir)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ddit_profiles import DDiTError
+
 from .cpu_memory import keep_freed_memory
 from .flux_model import FluxEngine, size_variant
 from .shapes import VOCABULARY, make_example
@@ -121,7 +123,12 @@ class RecipeBase:
     def run(self) -> dict:
         """Run every stage not done yet; returns the summary also written to ``recipe.json``."""
         keep_freed_memory()
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DDiTError(
+                f"cannot create output folder '{self.out}' ({e.strerror or e}): pick a writable -o"
+            ) from None
         self.summary = json.loads(self._stages.read_text()) if self._stages.is_file() else {}
         m = self.model_dir
         parts = self._stage("text_encoders", m / self.text_encoder_folder, self.components)

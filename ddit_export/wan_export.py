@@ -16,7 +16,7 @@ from torch.export import Dim
 from ddit_profiles import DDiTError, WanSpec
 
 from .adapters import resolve_adapters
-from .manifest import export_graphs, source_block, staging_folder, write_manifest
+from .manifest import check_output_folder, export_graphs, source_block, staging_folder, write_manifest
 from .onnx_io import check_parity, export_checked, export_onnx, ort_session
 from .wan_loading import load_wan
 from .wan_manifest import wan_blocks
@@ -274,8 +274,7 @@ def export_wan(
     """
     factors = spec.check_factors(factors)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise DDiTError(f"output folder '{out_dir}' already exists: pass --force to replace it, or pick another -o")
+    check_output_folder(out_dir, force)
     started = time.time()
     parts = load_wan(model, spec)
     adapters, adapters_file, trained = resolve_adapters(model, adapters_path, parts["transformer"], spec, factors)

@@ -11,6 +11,8 @@ from PIL import Image, PngImagePlugin
 
 from ddit_profiles import DDiTError
 
+from .outputs import check_writable, discard
+
 
 def check_png_path(path: str | Path) -> Path:
     """Refuse an output that is not a .png or sits in a folder that cannot be created, before any work is done."""
@@ -19,7 +21,7 @@ def check_png_path(path: str | Path) -> Path:
         raise DDiTError(f"output '{path}' must end in .png")
     if path.is_dir():
         raise DDiTError(f"output '{path}' is a folder: give a file name ending in .png")
-    return path
+    return check_writable(path, "-o")
 
 
 def save_png(image: torch.Tensor, path: str | Path, settings: dict, schedule: list[int]) -> Path:
@@ -36,6 +38,6 @@ def save_png(image: torch.Tensor, path: str | Path, settings: dict, schedule: li
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG", pnginfo=info)
         tmp.replace(path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise DDiTError(f"cannot write '{path}' ({e.strerror or e}): pick a writable -o") from None
     return path

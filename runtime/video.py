@@ -13,6 +13,8 @@ from PIL import Image
 
 from ddit_profiles import DDiTError
 
+from .outputs import FRAMES_SETTINGS, check_frames_dir, check_writable, discard
+
 
 def check_video_path(path: str | Path) -> Path:
     path = Path(path)
@@ -20,7 +22,7 @@ def check_video_path(path: str | Path) -> Path:
         raise DDiTError(f"output '{path}' must end in .mp4 for Wan engines (or pass --frames-dir DIR for PNG frames)")
     if path.is_dir():
         raise DDiTError(f"output '{path}' is a folder: give a file name ending in .mp4")
-    return path
+    return check_writable(path, "-o")
 
 
 def save_mp4(frames: torch.Tensor, path: str | Path, settings: dict, fps: int = 16) -> Path:
@@ -52,21 +54,22 @@ def save_mp4(frames: torch.Tensor, path: str | Path, settings: dict, fps: int = 
         tmp.replace(path)
         path.with_name(path.name + ".json").write_text(json.dumps(settings, indent=1) + "\n")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise DDiTError(f"cannot write '{path}' ({e.strerror or e}): pick a writable -o") from None
     return path
 
 
 def save_frames(frames: torch.Tensor, folder: str | Path, settings: dict) -> Path:
-    """frames [F, 3, H, W] uint8 -> ``folder/frame_0000.png`` ... plus ``folder/ddit.json``."""
-    folder = Path(folder)
+    """frames [F, 3, H, W] uint8 -> ``folder/frame_0000.png`` ... plus ``folder/ddit.json``. The folder is replaced
+    whole, so one that holds other files is refused (``check_frames_dir``)."""
+    folder = check_frames_dir(folder)
     tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for i, frame in enumerate(frames):
             Image.fromarray(frame.permute(1, 2, 0).numpy()).save(tmp / f"frame_{i:04d}.png")
-        (tmp / "ddit.json").write_text(json.dumps(settings, indent=1) + "\n")
+        (tmp / FRAMES_SETTINGS).write_text(json.dumps(settings, indent=1) + "\n")
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
     except OSError as e:

@@ -195,6 +195,52 @@ def test_cli_bad_input_is_one_line(tiny_engines, tmp_path):
         assert not out.exists()
 
 
+def test_cli_output_paths_and_steps_are_refused_before_the_run(tiny_engines, tmp_path, monkeypatch):
+    """A benchmark takes minutes: a --json or --plot that cannot be written, --steps 0 or an unreadable prompt file
+    is refused before any engine loads, not after the run (it would lose the whole report)."""
+    pytest.importorskip("matplotlib")
+    import ddit_runtime
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the engines loaded before the bad input was refused")
+
+    monkeypatch.setattr(ddit_runtime, "runtime_class", refuse)
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    binary = tmp_path / "prompts.txt"
+    binary.write_bytes(b"\xff\xfe\x00not utf-8")
+    (tmp_path / "folder.json").mkdir()
+    for args, words in [
+        (["--json", blocker / "x.json"], ["cannot write --json", "notes.txt' is a file, not a folder"]),
+        (["--json", tmp_path / "folder.json"], ["--json", "is a folder"]),
+        (["--plot", tmp_path / "bench.pdf"], ["--plot", "must end in .png"]),
+        (["--plot", blocker / "bench.png"], ["cannot write --plot", "is a file, not a folder"]),
+        (["--steps", "0"], ["--steps must be at least 1, got 0"]),
+        (["--prompts", binary], ["prompts.txt", "is not UTF-8 text"]),
+    ]:
+        result = CliRunner().invoke(bench_main, [str(tiny_engines), *map(str, args), "--quiet"])
+        assert result.exit_code == 2 and all(w in result.output for w in words), result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.json", "notes.txt", "prompts.txt"]
+    assert blocker.read_text() == "mine"
+
+
+def test_benchmark_scripts_refuse_their_json_path_at_parse_time(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "per_size.py"
+    spec = importlib.util.spec_from_file_location("per_size", script)
+    per_size = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(per_size)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        per_size.main([str(tmp_path / "no-engines"), "--json", str(tmp_path / "notes.txt" / "x.json")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "cannot write --json" in err and "is a file, not a folder" in err, err
+    assert "Traceback" not in err and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_bench_runs_every_method_at_the_asked_resolution(tiny_engines):
     """``--height``/``--width``: every generation, the bare calls and the FLOP-ideal ratios use that shape, not the
     profile's opt size (flux-tiny: 256x256)."""

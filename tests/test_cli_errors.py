@@ -206,6 +206,33 @@ def test_run_output_is_a_folder(tiny_engines, tmp_path):
     assert out.is_dir() and not list(out.iterdir())
 
 
+@pytest.fixture
+def no_generation(monkeypatch):
+    """Fail the test loudly if ddit-run starts generating before the bad input was refused."""
+    from ddit_runtime.pipeline import FluxRuntime
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the generation ran before the bad output path was refused")
+
+    monkeypatch.setattr(FluxRuntime, "generate", refuse)
+
+
+def test_run_output_that_cannot_be_written_is_refused_before_generating(tiny_engines, tmp_path, no_generation):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    out = blocker / "sub" / "out.png"
+    result = _invoke(run_main, [tiny_engines, "--prompt", PROMPT, "-o", out, "--steps", 2])
+    _one_line_error(result, "cannot write -o", "notes.txt' is a file, not a folder")
+    assert blocker.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_run_output_in_new_folders_creates_them(tiny_engines, tmp_path):
+    out = tmp_path / "a" / "b" / "out.png"
+    result = _invoke(run_main, [tiny_engines, "--prompt", PROMPT, "-o", out, "--steps", 2])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (256, 256) and sorted(p.name for p in out.parent.iterdir()) == ["out.png"]
+
+
 def test_run_overlong_prompt_is_truncated_with_a_warning(tiny_engines, tmp_path):
     prompt = " ".join(["red circle blue square"] * 10)  # 40 words: over T5's 32 tokens, under CLIP's 77
     out = tmp_path / "long.png"
@@ -283,6 +310,14 @@ def test_export_existing_output_is_left_untouched(tmp_path, no_export):
     _one_line_error(result, "already exists", "--force")
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     _no_leftovers(tmp_path)
+
+
+def test_export_output_under_a_file_says_which_path_is_a_file(tmp_path, no_export):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    result = _invoke(export_main, ["flux", "-o", blocker / "engines", "--quiet"])
+    _one_line_error(result, "cannot write -o", "notes.txt' is a file, not a folder")
+    assert blocker.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_export_model_folder_that_is_not_diffusers(tmp_path, no_export):
@@ -377,3 +412,12 @@ def test_recipe_fast_is_refused_for_wan_before_anything_is_written(tmp_path):
     out = tmp_path / "wan"
     _one_line_error(_invoke(recipe_main, ["wan", "--fast", "--smoke", "-o", out]), "--fast", "flux")
     assert not out.exists()
+
+
+def test_recipe_output_under_a_file_is_one_line(tmp_path):
+    from ddit_cli import recipe_main
+
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    _one_line_error(_invoke(recipe_main, ["flux", "--smoke", "-o", blocker / "tiny"]), "cannot create output folder")
+    assert blocker.read_text() == "mine"

@@ -273,3 +273,38 @@ def test_cli_matches_the_api(tiny_engines, tmp_path, runtime):
     expected = runtime.generate(PROMPT, steps=STEPS, seed=3, schedule=schedule, progress=False).image
     written = torch.from_numpy(np.array(Image.open(out).convert("RGB"))).permute(2, 0, 1)
     assert torch.equal(written, expected)
+
+
+# ---- output paths -----------------------------------------------------------------------------------------------
+
+
+def test_check_writable_probes_the_nearest_folder_and_creates_nothing(tmp_path):
+    from ddit_runtime.outputs import check_writable
+
+    out = tmp_path / "a" / "b" / "out.png"
+    assert check_writable(out, "-o") == out
+    assert not list(tmp_path.iterdir())  # neither the folders nor the probe file are left
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DDiTError, match=r"cannot write -o .*'.*file' is a file, not a folder"):
+        check_writable(tmp_path / "file" / "out.png", "-o")
+    with pytest.raises(DDiTError, match="is a folder"):
+        check_writable(tmp_path, "--json")
+
+
+def test_check_frames_dir_takes_new_empty_or_earlier_frames_folders_only(tmp_path):
+    from ddit_runtime.outputs import check_frames_dir
+
+    assert check_frames_dir(tmp_path / "new") == tmp_path / "new" and not (tmp_path / "new").exists()
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for name in ("frame_0000.png", "frame_0001.png", "ddit.json"):
+        (earlier / name).write_bytes(b"")
+    assert check_frames_dir(earlier) == earlier
+    (earlier / "frame_1.png").write_bytes(b"")  # not a name save_frames writes
+    with pytest.raises(DDiTError, match=r"holds other files \(frame_1.png\)"):
+        check_frames_dir(earlier)
+    with pytest.raises(DDiTError, match="names no folder of its own"):
+        check_frames_dir(".")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DDiTError, match="is a file"):
+        check_frames_dir(tmp_path / "file")

@@ -117,6 +117,26 @@ def test_cli_frames_dir(wan_engines, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == sorted([f"frame_{i:04d}.png" for i in range(5)] + ["ddit.json"])
 
 
+def test_cli_frames_dir_holding_other_files_is_refused_before_generating(wan_engines, tmp_path, monkeypatch):
+    """Writing frames replaces the folder whole, so a folder of the user's own files is never taken."""
+    from ddit_runtime.wan_pipeline import WanRuntime
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the generation ran before the bad --frames-dir was refused")
+
+    monkeypatch.setattr(WanRuntime, "generate", refuse)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    (folder / "frame_0000.png").write_bytes(b"earlier frame")
+    args = [str(wan_engines), "--prompt", PROMPT, "--frames-dir", str(folder), "--steps", "2"]
+    result = CliRunner().invoke(run_main, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --frames-dir") and "notes.txt" in result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["frame_0000.png", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
