@@ -276,3 +276,34 @@ def test_bare_calls_timed_between_rounds_are_what_the_report_uses(tiny_engines):
     report = bench.report()
     for k, row in report["per_size"].items():
         assert row["bare_ms"] == pytest.approx(statistics.median(bench.bare_samples[k]))
+
+
+def test_ddit_bench_times_its_bare_calls_beside_the_generations(tiny_engines):
+    """``ddit-bench`` (``Bench.run``): a share of the bare calls after each prompt and seed's methods, as in
+    ``per_size.py``, not in a phase of their own after every generation (where the machine's state differs)."""
+    from ddit_export.bench import BARE_CALLS
+    from ddit_runtime import runtime_class
+
+    runtime = runtime_class(str(tiny_engines))(str(tiny_engines), provider="cpu")
+    bench = Bench(runtime, builtin_prompts("flux", 1), seeds=2, steps=2, progress=False)
+    timed = bench.bare_engine_ms
+    order = []
+
+    def bare(reps=10):
+        native = next(m for m in bench._methods if m.kind == "baseline")
+        order.append((len(native.runs), reps))
+        return timed(reps)
+
+    original_methods = bench.methods
+
+    def methods(taus, thresholds):
+        bench._methods = original_methods(taus, thresholds)
+        return bench._methods
+
+    bench.bare_engine_ms, bench.methods = bare, methods
+    report = bench.run([1e9], [1e9])
+    per_round = -(-BARE_CALLS // 2)
+    assert order == [(1, per_round), (2, per_round)]  # after each seed's methods; none after the run
+    assert {k: len(ts) for k, ts in report["bare_samples_ms"].items()} == {k: 2 * per_round for k in runtime.sizes}
+    for k, row in report["per_size"].items():
+        assert row["bare_ms"] == pytest.approx(statistics.median(bench.bare_samples[k]))
