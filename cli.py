@@ -614,6 +614,8 @@ def bench_main(
     Reported: median step ms per patch size with its ratio to native, the bare engine's ratio, the FLOP-ideal
     ratio from the profile's analytic count and the efficiency; end-to-end speedup; scheduler overhead; memory;
     quality (PSNR/SSIM against the baseline's images, and the evaluator's score on the built-in prompts).
+    Ctrl-C stops early and still prints and writes (--json, --plot) the report of the prompts and seeds that every
+    method finished, marked INTERRUPTED, then exits with status 130.
 
     \b
     Examples:
@@ -648,6 +650,10 @@ def bench_main(
         click.echo(f"wrote {write_json(report, json_out)}", err=True)
     if plot_out:
         click.echo(f"wrote {plot(report, plot_out)}", err=True)
+    stop = report.get("interrupted")
+    if stop:  # what finished was reported and written; the status still says the run did not complete
+        click.echo(f"interrupted: the report covers {stop['finished']} of {stop['of']} prompt x seed runs", err=True)
+        sys.exit(130)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -54,11 +54,20 @@ def main(argv=None) -> int:
     methods += [Method(f"fixed {k}p", "fixed", dict(schedule=[k] * args.steps)) for k in runtime.sizes if k > 1]
     per_round = max(1, -(-args.bare // args.rounds))  # the bare calls spread over the rounds, beside them
     bench.done = bench.run_methods(methods, between=lambda: bench.bare_engine_ms(per_round))
+    stop = bench.interrupted  # Ctrl-C: the rounds every size finished are reported, as ddit-bench does
+    if stop is not None:
+        if not stop["finished"]:
+            print("interrupted: nothing was written", file=sys.stderr)
+            return 130
+        stop["step_reduction"] = 0  # this script runs none
     bench.tau = runtime.spec.scheduler.tau
     report = bench.report()
     print(markdown(report))
     if args.json:
         write_json(report, args.json)  # atomic: a temporary file, then a rename
+    if stop is not None:
+        print(f"interrupted: the report covers {stop['finished']} of {stop['of']} rounds", file=sys.stderr)
+        return 130
     return 0
 
 

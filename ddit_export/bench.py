@@ -235,6 +235,7 @@ class Bench:
         self.teacache = True  # both runtimes take generate(..., teacache=THRESH)
         self.native: dict[tuple[int, int], torch.Tensor] = {}
         self.bare_samples: dict[int, list[float]] = {}  # every bare call timed so far, per size
+        self.interrupted: dict | None = None  # set by run_methods on Ctrl-C: what finished, and of how many
 
     # ---- running ----------------------------------------------------------------------------------------------------
 
@@ -256,14 +257,27 @@ class Bench:
         order. Machine drift (these CPUs vary 10-20% over minutes) then hits every method alike, where running
         one method after another would credit it to whichever ran in a slow minute. A baseline among them becomes
         the others' ``base``; the baseline's image is the quality reference. ``between`` (no arguments) runs after
-        each prompt and seed's methods: ``per_size.py`` times its bare calls there, beside the generations."""
+        each prompt and seed's methods: ``per_size.py`` times its bare calls there, beside the generations.
+
+        Ctrl-C (KeyboardInterrupt) keeps what finished instead of losing it: every method keeps its runs of the
+        prompts and seeds that all of them completed (so the comparison stays like for like), the rest is dropped,
+        ``self.interrupted`` says how many of how many finished, and the methods return as usual. At real widths a
+        run takes an hour; its first prompts are worth a report."""
         base = next((m for m in methods if m.kind == "baseline"), None)
         jobs = [(i, p, s) for i, p in enumerate(self.prompts) for s in range(self.seeds)]
-        for i, prompt, seed in tqdm(jobs, desc="prompt x seed", disable=not self.progress, leave=False):
-            for method in methods:
-                self._record(method, i, prompt, seed)
-            if between is not None:
-                between()
+        start = [len(m.runs) for m in methods]
+        finished = 0
+        try:
+            for i, prompt, seed in tqdm(jobs, desc="prompt x seed", disable=not self.progress, leave=False):
+                for method in methods:
+                    self._record(method, i, prompt, seed)
+                finished += 1
+                if between is not None:
+                    between()
+        except KeyboardInterrupt:
+            for method, n in zip(methods, start, strict=True):
+                del method.runs[n + finished :]
+            self.interrupted = dict(finished=finished, of=len(jobs))
         for method in methods:
             method.base = method.base or base
         return methods
@@ -358,9 +372,22 @@ class Bench:
         # after all of them, in a phase of their own, they once read 78% of the runtime's ratio on the tiny FLUX
         # where beside them they read 100-108%.
         per_round = max(1, -(-BARE_CALLS // (len(self.prompts) * self.seeds)))
+        self.interrupted = None
         done = self.run_methods(self.methods(taus, thresholds), between=lambda: self.bare_engine_ms(per_round))
         self.tau = taus[len(taus) // 2]
-        done += self.run_methods(self.fewer_steps(done))
+        stopped = self.interrupted  # Ctrl-C: report the prompts and seeds every method finished, if any
+        if stopped is not None:
+            if not stopped["finished"]:
+                raise KeyboardInterrupt
+            stopped["step_reduction"] = 0
+        else:
+            fewer = self.run_methods(self.fewer_steps(done))
+            if self.interrupted is not None:  # step reduction's own prompts and seeds, against its own baseline
+                stopped = dict(finished=len(done[0].runs), of=len(done[0].runs))
+                stopped["step_reduction"] = self.interrupted["finished"]
+                fewer = fewer if stopped["step_reduction"] else []
+            done += fewer
+        self.interrupted = stopped
         self.done = done
         return self.report()
 
@@ -421,7 +448,7 @@ class Bench:
         # its in-graph patchify, the Euler update) plus the scheduler's measured per-step cost, which every DDiT
         # step adds. DDiT's own steps at each size (noisier: fewer samples) are reported beside it as a check.
         overhead = self.scheduler_overhead_ms()
-        if not self.bare_samples:  # ddit-bench: timed now, after the methods; per_size.py: beside each round
+        if not self.bare_samples and self.interrupted is None:  # no bare calls yet (a Bench driven by hand)
             self.bare_engine_ms()
         bare = {k: _median(ts) for k, ts in self.bare_samples.items()}
         per_size, fixed_by_size = {}, {}
@@ -525,7 +552,24 @@ class Bench:
             teacache_coefficients=list(self.teacache_coefficients or self.spec.teacache.coefficients),
             teacache_coefficients_source="--teacache-coefficients" if self.teacache_coefficients else "manifest",
             methods=rows,
+            interrupted=self.interrupted,
         )
+
+
+def interrupted_lines(report: dict) -> list[str]:
+    """What an interrupted report covers, in words (none for a whole run)."""
+    stop = report.get("interrupted")
+    if not stop:
+        return []
+    reduction = (
+        "step reduction did not run"
+        if not stop["step_reduction"]
+        else f"step reduction and its baseline on the first {stop['step_reduction']} of them"
+    )
+    return [
+        f"INTERRUPTED (Ctrl-C): every method covers the first {stop['finished']} of {stop['of']} prompt x seed runs; "
+        f"{reduction}"
+    ]
 
 
 def markdown(report: dict) -> str:
@@ -534,6 +578,7 @@ def markdown(report: dict) -> str:
         f"{report['profile']} on {report['device']} ({report.get('backend', 'ort')}), {report['height']}x{report['width']}"
         f"{', ' + str(report['frames']) + ' frames' if report.get('frames') else ''}, {report['steps']} steps, "
         f"{len(report['prompts'])} prompts x {report['seeds']} seeds",
+        *interrupted_lines(report),
         "",
         "| size | runtime step ms | of which outside the engines | ratio | DDiT's steps ms | bare engine ms | bare ratio "
         "| runtime/bare | FLOP-ideal | efficiency |",

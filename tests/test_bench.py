@@ -307,3 +307,85 @@ def test_ddit_bench_times_its_bare_calls_beside_the_generations(tiny_engines):
     assert {k: len(ts) for k, ts in report["bare_samples_ms"].items()} == {k: 2 * per_round for k in runtime.sizes}
     for k, row in report["per_size"].items():
         assert row["bare_ms"] == pytest.approx(statistics.median(bench.bare_samples[k]))
+
+
+def _interrupt_at(monkeypatch, calls: int):
+    """Ctrl-C during the ``calls``-th generation a Bench records (counted from 1)."""
+    record, seen = Bench._record, []
+
+    def interrupting(self, method, i, prompt, seed):
+        seen.append(method.name)
+        if len(seen) == calls:
+            raise KeyboardInterrupt
+        return record(self, method, i, prompt, seed)
+
+    monkeypatch.setattr(Bench, "_record", interrupting)
+    return seen
+
+
+def test_ctrl_c_keeps_the_prompts_every_method_finished(tiny_engines, monkeypatch):
+    """An interrupted ddit-bench reports the prompts and seeds that every method completed, like for like, instead of
+    losing the run: here Ctrl-C lands in the third prompt's fourth method."""
+    args = dict(count=3, seeds=1, steps=3, taus=[0.002], thresholds=[0.4], progress=False)
+    methods = 7  # native, fixed 2p and 4p, DDiT, TeaCache, DDiT+TeaCache and its per-size policy
+    seen = _interrupt_at(monkeypatch, 2 * methods + 4)
+    report = run_bench(str(tiny_engines), **args)
+    assert report["interrupted"] == dict(finished=2, of=3, step_reduction=0)
+    assert len(seen) == 2 * methods + 4 and len(report["methods"]) == methods
+    assert [m["kind"] for m in report["methods"]].count("fewer-steps") == 0
+    for m in report["methods"]:
+        assert len(m["schedules"]) == 2, m["method"]  # the third prompt's finished methods were dropped
+    assert report["per_size"][1]["bare_ms"] > 0  # timed after each finished prompt, not again afterwards
+    text = markdown(report)
+    assert (
+        "INTERRUPTED (Ctrl-C): every method covers the first 2 of 3 prompt x seed runs; step reduction did not run"
+        in text
+    )
+    assert "| native | 1.00x |" in text
+
+
+def test_ctrl_c_in_step_reduction_keeps_the_methods_and_the_finished_reduction(tiny_engines, monkeypatch):
+    """Step reduction runs after the methods, beside a baseline of its own: Ctrl-C there keeps every method whole,
+    and the step counts and their baseline on the prompts they all finished (none: they are dropped)."""
+
+    def fewer_steps(self, done):  # fixed step counts: the real ones follow the measured times
+        again = Method("native (again, beside step reduction)", "baseline", dict(schedule=[1] * 3))
+        return [again, Method("native 2 steps", "fewer-steps", dict(steps=2, schedule=[1, 1]))]
+
+    monkeypatch.setattr(Bench, "fewer_steps", fewer_steps)
+    args = dict(count=2, seeds=1, steps=3, taus=[0.002], thresholds=[0.4], progress=False)
+    methods = 7
+    _interrupt_at(monkeypatch, 2 * methods + 2 + 1)  # step reduction's second prompt
+    report = run_bench(str(tiny_engines), **args)
+    assert report["interrupted"] == dict(finished=2, of=2, step_reduction=1)
+    assert [m["method"] for m in report["methods"]][methods:] == [
+        "native (again, beside step reduction)",
+        "native 2 steps",
+    ]
+    assert [len(m["schedules"]) for m in report["methods"]] == [2] * methods + [1, 1]
+    assert "step reduction and its baseline on the first 1 of them" in markdown(report)
+    _interrupt_at(monkeypatch, 2 * methods + 1)  # step reduction's first generation
+    report = run_bench(str(tiny_engines), **args)
+    assert report["interrupted"] == dict(finished=2, of=2, step_reduction=0)
+    assert len(report["methods"]) == methods and all(len(m["schedules"]) == 2 for m in report["methods"])
+
+
+def test_cli_ctrl_c_writes_what_finished_and_exits_130(tiny_engines, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = [str(tiny_engines), "--count", "2", "--steps", "3", "--taus", "0.002", "--teacache-thresholds", "0.4"]
+    _interrupt_at(monkeypatch, 10)  # 7 methods a prompt: the second prompt's third
+    result = CliRunner().invoke(bench_main, [*args, "--json", str(out), "--plot", str(png), "--quiet"])
+    assert result.exit_code == 130, result.output
+    assert (
+        "INTERRUPTED" in result.output and "interrupted: the report covers 1 of 2 prompt x seed runs" in result.output
+    )
+    data = json.loads(out.read_text())
+    assert data["interrupted"] == dict(finished=1, of=2, step_reduction=0)
+    assert all(len(m["schedules"]) == 1 for m in data["methods"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out.unlink(), png.unlink()
+    _interrupt_at(monkeypatch, 3)  # nothing finished: nothing to report
+    result = CliRunner().invoke(bench_main, [*args, "--json", str(out), "--plot", str(png), "--quiet"])
+    assert result.exit_code == 130 and "interrupted: nothing was written" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
