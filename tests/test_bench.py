@@ -389,3 +389,28 @@ def test_cli_ctrl_c_writes_what_finished_and_exits_130(tiny_engines, tmp_path, m
     result = CliRunner().invoke(bench_main, [*args, "--json", str(out), "--plot", str(png), "--quiet"])
     assert result.exit_code == 130 and "interrupted: nothing was written" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_scheduler_cold_script_times_every_variant(tiny_engines, capsys):
+    """``benchmarks/scheduler_cold.py``: one table row per thing run before ``next_factor``, engine calls included."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "scheduler_cold.py"
+    spec = importlib.util.spec_from_file_location("scheduler_cold", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main([str(tiny_engines), "--reps", "5", "--mib", "0.25,1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "median" not in line]
+    names = [row.split(" | ")[0][2:] for row in rows]
+    assert names == [
+        "nothing",
+        "5 ms asleep",
+        "5 ms busy",
+        "writing 0.25 MiB (160 MiB in all)",
+        "writing 1 MiB (160 MiB in all)",
+        "one 1p engine call",
+        "one 2p engine call",
+        "one 4p engine call",
+    ]
+    assert all(float(row.split(" | ")[1].rstrip(" |")) > 0 for row in rows)
