@@ -658,10 +658,15 @@ def plot(report: dict, path: str) -> Path:
     rows = report["methods"]
     use_score = all(r["score"] is not None for r in rows)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
+    placed: list[tuple[float, float]] = []
     for r in rows:
         y = r["score"] if use_score else r["ssim"]
         ax.scatter(r["speedup"], y, s=40)
-        ax.annotate(r["method"], (r["speedup"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        # methods at the same speed and quality (TeaCache with and without DDiT) would print their names over one
+        # another: each further label near an earlier point moves one line down
+        near = sum(abs(r["speedup"] - x0) < 0.15 and abs(y - y0) < 0.01 for x0, y0 in placed)
+        placed.append((r["speedup"], y))
+        ax.annotate(r["method"], (r["speedup"], y), fontsize=7, xytext=(3, 3 - 9 * near), textcoords="offset points")
     ax.set_xlabel("end-to-end speedup over the native schedule")
     ax.set_ylabel("evaluator score" if use_score else "SSIM vs native")
     ax.set_title("quality vs speed")
@@ -675,6 +680,8 @@ def plot(report: dict, path: str) -> Path:
     bx.set_title(f"{ddit['method']}: patch size per step")
     cbar = fig.colorbar(im, ax=bx, ticks=[0, 1, 2])
     cbar.ax.set_yticklabels(["1p", "2p", "4p"])
+    for line in interrupted_lines(report):  # a partial run must not pass for a whole one
+        fig.suptitle(line, color="red", fontsize=9)
     fig.tight_layout()
     out = Path(path)
     tmp = out.with_name(f".{out.name}.partial.png")
