@@ -308,3 +308,19 @@ def test_check_frames_dir_takes_new_empty_or_earlier_frames_folders_only(tmp_pat
     (tmp_path / "file").write_text("x")
     with pytest.raises(DDiTError, match="is a file"):
         check_frames_dir(tmp_path / "file")
+
+
+def test_readme_python_api_runs(tiny_engines, tmp_path, monkeypatch):
+    """The README's Python API block, run as written on the tiny engines (its folder name swapped for theirs): one
+    PNG per prompt, each carrying its schedule."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'engines = "engines/"' in code
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace('"engines/"', repr(str(tiny_engines))), "README.md", "exec"), {})
+    for seed in (0, 1):
+        image = Image.open(tmp_path / f"out_{seed}.png")
+        assert image.size == (256, 256) and len(json.loads(image.info["schedule"])) == 20
