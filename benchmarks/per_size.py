@@ -55,11 +55,9 @@ def main(argv=None) -> int:
     per_round = max(1, -(-args.bare // args.rounds))  # the bare calls spread over the rounds, beside them
     bench.done = bench.run_methods(methods, between=lambda: bench.bare_engine_ms(per_round))
     stop = bench.interrupted  # Ctrl-C: the rounds every size finished are reported, as ddit-bench does
-    if stop is not None:
-        if not stop["finished"]:
-            print("interrupted: nothing was written", file=sys.stderr)
-            return 130
-        stop["step_reduction"] = 0  # this script runs none
+    if stop is not None and not stop["finished"]:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
     bench.tau = runtime.spec.scheduler.tau
     report = bench.report()
     print(markdown(report))

@@ -277,7 +277,8 @@ class Bench:
         except KeyboardInterrupt:
             for method, n in zip(methods, start, strict=True):
                 del method.runs[n + finished :]
-            self.interrupted = dict(finished=finished, of=len(jobs))
+            # step_reduction: how many of them ``run`` got through step reduction with (0: none)
+            self.interrupted = dict(finished=finished, of=len(jobs), step_reduction=0)
         for method in methods:
             method.base = method.base or base
         return methods
@@ -376,17 +377,15 @@ class Bench:
         done = self.run_methods(self.methods(taus, thresholds), between=lambda: self.bare_engine_ms(per_round))
         self.tau = taus[len(taus) // 2]
         stopped = self.interrupted  # Ctrl-C: report the prompts and seeds every method finished, if any
-        if stopped is not None:
-            if not stopped["finished"]:
-                raise KeyboardInterrupt
-            stopped["step_reduction"] = 0
-        else:
+        if stopped is None:
             fewer = self.run_methods(self.fewer_steps(done))
             if self.interrupted is not None:  # step reduction's own prompts and seeds, against its own baseline
-                stopped = dict(finished=len(done[0].runs), of=len(done[0].runs))
-                stopped["step_reduction"] = self.interrupted["finished"]
+                n = len(done[0].runs)
+                stopped = dict(finished=n, of=n, step_reduction=self.interrupted["finished"])
                 fewer = fewer if stopped["step_reduction"] else []
             done += fewer
+        elif not stopped["finished"]:
+            raise KeyboardInterrupt
         self.interrupted = stopped
         self.done = done
         return self.report()
