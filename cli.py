@@ -612,8 +612,10 @@ def bench_main(
     threshold (step reduction, against a second baseline pass run beside it). The methods run interleaved (each
     prompt through every method in turn), so the machine's drift hits them alike.
     Reported: median step ms per patch size with its ratio to native, the bare engine's ratio, the FLOP-ideal
-    ratio from the profile's analytic count and the efficiency; end-to-end speedup; scheduler overhead; memory;
-    quality (PSNR/SSIM against the baseline's images, and the evaluator's score on the built-in prompts).
+    ratio from the profile's analytic count and the efficiency; end-to-end speedup with its 95% interval over the
+    prompts; scheduler overhead; memory; quality (PSNR/SSIM against the baseline's images, and the evaluator's
+    score on the built-in prompts, with its change against the baseline and that change's standard error); and
+    each method against the step-reduction run matched to its time, score difference and standard error included.
     Ctrl-C stops early and still prints and writes (--json, --plot) the report of the prompts and seeds that every
     method finished, marked INTERRUPTED, then exits with status 130.
 

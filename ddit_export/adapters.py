@@ -17,7 +17,8 @@ from ddit_profiles import DDiTError, FluxSpec, profile_for
 from .tiny import shipped_adapters
 
 ADAPTERS_FORMAT = "ddit-adapters/1"
-SIGMA_FLOOR = 0.2  # the 1/sigma residual is capped at 5x: a floor of 0.01 (100x) trained worse (see README)
+# The 1/sigma residual is capped at 5x: a floor of 0.01 (100x) trained worse (2026-11-23; that run is not recorded).
+SIGMA_FLOOR = 0.2
 
 
 def bilinear_matrix(patch: int, new_patch: int) -> torch.Tensor:

@@ -6,7 +6,9 @@ each DDiT + TeaCache threshold (the paper's step-reduction comparison). The meth
 through every method in turn, so that the machine's drift hits them alike. For each it reports step times per
 patch size against the FLOP-ideal ratios from the profile, end-to-end speedup, the scheduler's overhead, memory, and
 quality: PSNR/SSIM against the baseline's images, plus the shapes evaluator's score when the prompts are the
-built-in held-out captions (the embedded tiny models are trained on that grammar).
+built-in held-out captions (the embedded tiny models are trained on that grammar). The speedups carry a bootstrap
+interval over the prompts, and the score changes (against the baseline, and against step reduction at equal time)
+a standard error over the prompts, so that a difference can be told from noise.
 """
 
 from __future__ import annotations
@@ -121,6 +123,39 @@ def _psnr_mean(xs) -> float:
     return statistics.fmean(finite) if finite else float("inf")
 
 
+def paired(runs: list[dict], base_runs: list[dict], key) -> list[tuple[float, float]]:
+    """``(key(base run), key(run))`` for every prompt and seed that both lists ran, in ``runs``' order."""
+    base = {(r["prompt"], r["seed"]): r for r in base_runs}
+    return [(key(base[(r["prompt"], r["seed"])]), key(r)) for r in runs if (r["prompt"], r["seed"]) in base]
+
+
+def speedup_interval(pairs: list[tuple[float, float]], level: float = 0.95, resamples: int = 2000):
+    """A percentile-bootstrap interval of the speedup sum(base s) / sum(method s) over (base s, method s) pairs,
+    one per prompt and seed: the prompts are resampled, so the interval says how much the figure would move on
+    other prompts of the same kind and with this run's noise. Seeded, so a report is reproducible from its runs.
+    None with fewer than two pairs."""
+    if len(pairs) < 2:
+        return None
+    rng = random.Random(0)
+    n = len(pairs)
+    stats = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        stats.append(sum(pairs[i][0] for i in idx) / sum(pairs[i][1] for i in idx))
+    stats.sort()
+    cut = round((1 - level) / 2 * resamples)
+    return stats[cut], stats[resamples - 1 - cut]
+
+
+def paired_difference(pairs: list[tuple[float, float]]) -> tuple[float, float | None]:
+    """Mean of (second - first) over pairs, and its standard error (sample stdev / sqrt n; None below 2 pairs)."""
+    d = [b - a for a, b in pairs]
+    if not d:
+        return float("nan"), None
+    se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else None
+    return statistics.fmean(d), se
+
+
 def scheduler_step_ms(scheduler, latent: torch.Tensor, reps: int) -> float:
     """Median ms of one scheduler update (``observe`` + ``next_factor``) on ``latent``, over ``reps`` updates, under
     ``torch.inference_mode`` as the runtimes' ``generate`` runs it."""
@@ -141,6 +176,7 @@ class Method:
     options: dict
     runs: list = field(default_factory=list)
     base: Method | None = None  # the baseline run interleaved with this one: its speedup is against that
+    matched: list = field(default_factory=list)  # step reduction: the methods whose time this step count fits
 
 
 def bench_shape(spec, sizes, height=None, width=None, frames=None) -> tuple[int, int, int | None]:
@@ -357,6 +393,8 @@ class Bench:
                     "fewer-steps",
                     dict(steps=fewer, schedule=[1] * fewer),
                 )
+            if fewer in out:
+                out[fewer].matched.append(m.name)
         if not out:
             return []
         # A second pass of the baseline, interleaved with these: their speedups are against it, not against the
@@ -442,6 +480,40 @@ class Bench:
             return self.spec.step_flops(k, self.frames, self.height, self.width)
         return self.spec.step_flops(k, self.height, self.width)
 
+    def equal_time(self, rows: list[dict]) -> list[dict]:
+        """The paper's step-reduction comparison, pair by pair: each method that a step-reduction run was matched
+        to against that run, with the score difference (method - step reduction) per prompt and seed and its
+        standard error, so a report says whether "better than step reduction at equal time" is more than noise."""
+        by_name = {m.name: m for m in self.done}
+        row = {r["method"]: r for r in rows}
+        out = []
+        for reduction in (m for m in self.done if m.kind == "fewer-steps"):
+            for name in reduction.matched:
+                method = by_name.get(name)
+                if method is None:
+                    continue
+                scored = all(r["score"] is not None for r in method.runs + reduction.runs)
+                delta, se = paired_difference(paired(method.runs, reduction.runs, _score)) if scored else (None, None)
+                out.append(
+                    dict(
+                        method=name,
+                        reduction=reduction.name,
+                        steps=reduction.options["steps"],
+                        pairs=len(paired(method.runs, reduction.runs, lambda r: r["total_s"])),
+                        speedup=row[name]["speedup"],
+                        speedup_ci95=row[name]["speedup_ci95"],
+                        reduction_speedup=row[reduction.name]["speedup"],
+                        reduction_speedup_ci95=row[reduction.name]["speedup_ci95"],
+                        score=row[name]["score"],
+                        reduction_score=row[reduction.name]["score"],
+                        score_delta=delta,
+                        score_delta_se=se,
+                        ssim=row[name]["ssim"],
+                        reduction_ssim=row[reduction.name]["ssim"],
+                    )
+                )
+        return out
+
     def report(self) -> dict:
         # Per-size step time of the runtime: the fixed schedule's median step (bound buffers, the engine call with
         # its in-graph patchify, the Euler update) plus the scheduler's measured per-step cost, which every DDiT
@@ -502,13 +574,25 @@ class Bench:
             total = sum(r["total_s"] for r in m.runs)
             scores = [r["score"]["score"] for r in m.runs if r["score"] is not None]
             steps = [len(r["schedule"]) for r in m.runs]
+            base_runs = (m.base or m).runs
+            # How sure each figure is: the speedup's spread over the prompts (bootstrap), and the score's change
+            # against the baseline's images of the same prompts and seeds, with its standard error.
+            interval = speedup_interval(paired(m.runs, base_runs, lambda r: r["total_s"]))
+            delta, delta_se = (
+                paired_difference(paired(m.runs, base_runs, _score))
+                if all(r["score"] is not None for r in m.runs + base_runs)
+                else (None, None)
+            )
             rows.append(
                 dict(
                     method=m.name,
                     kind=m.kind,
                     options={k: v for k, v in m.options.items() if k != "schedule"},
                     total_s=total,
-                    speedup=sum(r["total_s"] for r in (m.base or m).runs) / total,
+                    speedup=sum(r["total_s"] for r in base_runs) / total,
+                    speedup_ci95=list(interval) if interval else None,
+                    score_delta=delta,
+                    score_delta_se=delta_se,
                     mean_s=total / len(m.runs),
                     coarse_fraction=_mean([sum(f > 1 for f in r["schedule"]) / len(r["schedule"]) for r in m.runs]),
                     computed_fraction=_mean([sum(r["computed"]) / len(r["computed"]) for r in m.runs]),
@@ -527,6 +611,7 @@ class Bench:
                 )
             )
         return dict(
+            equal_time=self.equal_time(rows),
             engines=str(self.runtime.manifest.folder),
             tau=self.tau,
             family=self.family,
@@ -555,6 +640,10 @@ class Bench:
         )
 
 
+def _score(run: dict) -> float:
+    return run["score"]["score"]
+
+
 def interrupted_lines(report: dict) -> list[str]:
     """What an interrupted report covers, in words (none for a whole run)."""
     stop = report.get("interrupted")
@@ -569,6 +658,16 @@ def interrupted_lines(report: dict) -> list[str]:
         f"INTERRUPTED (Ctrl-C): every method covers the first {stop['finished']} of {stop['of']} prompt x seed runs; "
         f"{reduction}"
     ]
+
+
+def _interval(ci) -> str:
+    return f"{ci[0]:.2f}-{ci[1]:.2f}x" if ci else "-"
+
+
+def _delta(delta, se) -> str:
+    if delta is None:
+        return "-"
+    return f"{delta:+.3f} ({se:.3f})" if se is not None else f"{delta:+.3f}"
 
 
 def markdown(report: dict) -> str:
@@ -615,17 +714,39 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        "| method | speedup | s / image | steps run (computed) | switches forced / reused | coarse | score | SSIM "
-        "| PSNR dB | RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | speedup | 95% CI | s / image | steps run (computed) | switches forced / reused | coarse | score "
+        "| score - native (s.e.) | SSIM | PSNR dB | RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["methods"]:
         score = f"{r['score']:.3f}" if r["score"] is not None else "-"
         psnr_ = f"{r['psnr']:.1f}"
         lines.append(
-            f"| {r['method']} | {r['speedup']:.2f}x | {r['mean_s']:.3f} | {r['steps']:g} ({r['computed_fraction']:.0%}) "
-            f"| {r['forced_by_switch']:.1f} / {r.get('reused_across_switch', 0):.1f} | {r['coarse_fraction']:.0%} | {score} | {r['ssim']:.3f} | {psnr_} | {r['peak_rss_mb']:.0f} |"
+            f"| {r['method']} | {r['speedup']:.2f}x | {_interval(r.get('speedup_ci95'))} | {r['mean_s']:.3f} "
+            f"| {r['steps']:g} ({r['computed_fraction']:.0%}) "
+            f"| {r['forced_by_switch']:.1f} / {r.get('reused_across_switch', 0):.1f} | {r['coarse_fraction']:.0%} "
+            f"| {score} | {_delta(r.get('score_delta'), r.get('score_delta_se'))} | {r['ssim']:.3f} | {psnr_} "
+            f"| {r['peak_rss_mb']:.0f} |"
         )
+    pairs = report.get("equal_time") or []  # reports written before 2026-12-06 have none
+    if pairs:
+        lines += [
+            "",
+            "step reduction at equal time (speedup and 95% CI; score; method's score - step reduction's per prompt "
+            "and seed, with its standard error; SSIM against the baseline):",
+        ]
+        for e in pairs:
+            score = (
+                f"score {e['score']:.3f} vs {e['reduction_score']:.3f}, "
+                f"{_delta(e['score_delta'], e['score_delta_se'])} over {e['pairs']}; "
+                if e["score"] is not None
+                else ""
+            )
+            lines.append(
+                f"- {e['method']} {e['speedup']:.2f}x ({_interval(e['speedup_ci95'])}) against {e['steps']} native "
+                f"steps {e['reduction_speedup']:.2f}x ({_interval(e['reduction_speedup_ci95'])}): {score}"
+                f"SSIM {e['ssim']:.3f} vs {e['reduction_ssim']:.3f}"
+            )
     if report.get("teacache_coefficients_source") == "--teacache-coefficients":
         poly = ", ".join(f"{c:g}" for c in report["teacache_coefficients"])
         lines += ["", f"TeaCache rescaling polynomial from --teacache-coefficients (highest power first): {poly}"]
@@ -656,17 +777,43 @@ def plot(report: dict, path: str) -> Path:
     plt = _pyplot()
     rows = report["methods"]
     use_score = all(r["score"] is not None for r in rows)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
-    placed: list[tuple[float, float]] = []
-    for r in rows:
-        y = r["score"] if use_score else r["ssim"]
-        ax.scatter(r["speedup"], y, s=40)
-        # methods at the same speed and quality (TeaCache with and without DDiT) would print their names over one
-        # another: each further label near an earlier point moves one line down
-        near = sum(abs(r["speedup"] - x0) < 0.15 and abs(y - y0) < 0.01 for x0, y0 in placed)
-        placed.append((r["speedup"], y))
-        ax.annotate(r["method"], (r["speedup"], y), fontsize=7, xytext=(3, 3 - 9 * near), textcoords="offset points")
-    ax.set_xlabel("end-to-end speedup over the native schedule")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw=dict(width_ratios=[1.4, 1]))
+
+    def quality(r):
+        return r["score"] if use_score else r["ssim"]
+
+    # Step reduction as a curve (the baseline at fewer steps): a method above it beats step reduction at its speed.
+    curve = sorted(
+        (r for r in rows if r["kind"] == "fewer-steps" or r["method"] == "native"), key=lambda r: r["speedup"]
+    )
+    if len(curve) > 1:
+        ax.plot([r["speedup"] for r in curve], [quality(r) for r in curve], "k--", marker="x", lw=1, alpha=0.6)
+        last = curve[0]["speedup"]
+        for r in curve[1:]:
+            if r["speedup"] - last < 0.1:  # a neighbour's label is there already
+                continue
+            last = r["speedup"]
+            ax.annotate(
+                f"{r['steps']:g} steps",
+                (r["speedup"], quality(r)),
+                fontsize=6,
+                color="dimgrey",
+                xytext=(2, -9),
+                textcoords="offset points",
+            )
+        ax.plot([], [], "k--", marker="x", lw=1, alpha=0.6, label="native at fewer steps (step reduction)")
+    # Named in the legend, not beside the points: methods cluster (TeaCache with and without DDiT, at one score),
+    # and labels there print over one another.
+    shown = [r for r in rows if r["kind"] != "fewer-steps" and not r["method"].startswith("native (again")]
+    colours = plt.get_cmap("tab20")
+    for i, r in enumerate(shown):
+        y, s = quality(r), r["speedup"]
+        ax.scatter(s, y, s=40, color=colours(i % 20), marker="osD^vPX*"[i % 8], label=r["method"], zorder=3)
+        ci = r.get("speedup_ci95")
+        if ci:  # the speedup's 95% bootstrap interval over the prompts
+            ax.errorbar(s, y, xerr=[[s - ci[0]], [ci[1] - s]], fmt="none", ecolor=colours(i % 20), alpha=0.5, capsize=2)
+    ax.legend(fontsize=6.5, loc="best", framealpha=0.8)
+    ax.set_xlabel("end-to-end speedup over the native schedule (bars: 95% interval over the prompts)")
     ax.set_ylabel("evaluator score" if use_score else "SSIM vs native")
     ax.set_title("quality vs speed")
     ax.grid(alpha=0.3)

@@ -57,7 +57,8 @@ class RecipeSteps:
     adapter_steps: int = 600
     adapter_prompts: int = 128
     adapter_rank: int = 16
-    adapter_optimizer: str = "adamw"  # AdamW 1e-3 beat Prodigy here: held-out 4p MSE 0.50 vs 0.61 (see README)
+    # AdamW 1e-3 beat Prodigy here: held-out 4p MSE 0.50 vs 0.61 (see docs/embedded-models.md).
+    adapter_optimizer: str = "adamw"
     adapter_lr: float = 1e-3
 
     def accelerated(self) -> RecipeSteps:

@@ -34,7 +34,7 @@ FLUX_TINY = FluxSpec(
     # evaluator score (0.70 -> 0.77 on 40 captions, torch sampling). rho 0.7, not the paper's 0.4: at 4p this image
     # has only 16 patches, and the 40th percentile is always background; the 70th sees the shapes. On the calibration
     # captions it raised SSIM (0.965 -> 0.973) and the simple-detailed coarse gap (19.8/18.5% -> 19.0/16.0%).
-    # See the README.
+    # See docs/embedded-models.md.
     scheduler=SchedulerDefaults(tau=0.002, rho=0.7, warmup=3, steps=20, guidance=3.5, true_cfg=3.0),
     # fp8 calibration: three captions of the shapes grammar it was trained on, and the empty prompt, which true
     # classifier-free guidance runs at every step.

@@ -166,7 +166,7 @@ class FluxSpec:
     calibration_steps: int = 8
     # The DDiT tau an fp8 export writes into its manifest (None: the profile's own). FP8's rounding makes each step's
     # velocity slightly rough, which the third difference of the latents sees: on the tiny FLUX, tau 0.002 ran no
-    # coarse step at all in fp8 (16.5% in float32), and 0.016 ran 22% (see the README).
+    # coarse step at all in fp8 (16.5% in float32), and 0.016 ran 22% (see docs/measurements.md, "fp8 engines").
     fp8_tau: float | None = None
     # Random-init component configs for the embedded tiny models (empty for real checkpoints).
     tiny_configs: dict = field(default_factory=dict, compare=False, repr=False)

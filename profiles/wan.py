@@ -229,7 +229,7 @@ WAN_TINY = WanSpec(
     max_frames=17,
     max_batch=4,
     # tau calibrated on the trained tiny Wan with 16 calibration captions (seeds disjoint from the held-out ones):
-    # 0.003 ran 4% of the steps coarse, 0.006 9% (score 0.228 against native 0.244); 0.001 ran none. See README.
+    # 0.003 ran 4% of the steps coarse, 0.006 9% (score 0.228 against native 0.244); 0.001 ran none. See docs/embedded-models.md.
     scheduler=SchedulerDefaults(tau=0.006, rho=0.4, warmup=3, steps=20, guidance=5.0),
     # At 20 steps the timestep embedding moves 2.5x as far per step as at the fit's 50, so the published 0.05-0.08
     # computed every step (ddit-bench, 16 captions). Measured on the trained tiny Wan (ddit-bench --count 8

@@ -8,7 +8,16 @@ import pytest
 from click.testing import CliRunner
 
 from ddit_cli import bench_main
-from ddit_export.bench import Bench, Method, builtin_prompts, markdown, run_bench
+from ddit_export.bench import (
+    Bench,
+    Method,
+    builtin_prompts,
+    markdown,
+    paired,
+    paired_difference,
+    run_bench,
+    speedup_interval,
+)
 from ddit_profiles import get_profile
 
 
@@ -48,6 +57,31 @@ def test_step_reduction_matches_the_whole_generations_time():
     again, *fewer = bench.fewer_steps([base, fast, other_tau])
     assert again.kind == "baseline" and again.options["schedule"] == [1] * 20
     assert [(m.name, m.options["steps"]) for m in fewer] == [("native 11 steps (DDiT+TeaCache 0.4's time)", 11)]
+    assert fewer[0].matched == ["DDiT+TeaCache 0.4"]
+    # Two methods whose times fit the same step count share one step-reduction run, and both are compared to it.
+    twin = Method(
+        "DDiT+TeaCache 0.4 per-size", "ddit+teacache", dict(tau=0.006, teacache=0.4), [dict(total_s=1.06)] * 2
+    )
+    _, *fewer = bench.fewer_steps([base, fast, twin])
+    assert len(fewer) == 1 and fewer[0].matched == ["DDiT+TeaCache 0.4", "DDiT+TeaCache 0.4 per-size"]
+
+
+def test_speedup_interval_and_paired_differences():
+    runs = [dict(prompt=i, seed=0, total_s=t) for i, t in enumerate([2.0, 4.0, 3.0, 5.0])]
+    base = [dict(prompt=i, seed=0, total_s=2 * t) for i, t in enumerate([2.0, 4.0, 3.0, 5.0])]
+    pairs = paired(runs, base[::-1], lambda r: r["total_s"])  # matched by prompt and seed, not by position
+    assert pairs == [(4.0, 2.0), (8.0, 4.0), (6.0, 3.0), (10.0, 5.0)]
+    assert speedup_interval(pairs) == (2.0, 2.0)  # every prompt 2x: nothing to be unsure of
+    assert speedup_interval(pairs[:1]) is None
+    noisy = [(4.0, 2.0), (8.0, 2.0), (6.0, 3.0), (10.0, 10.0)]  # 2x, 4x, 2x, 1x: 28 / 17 = 1.65x
+    lo, hi = speedup_interval(noisy)
+    assert 1.0 <= lo < 28 / 17 < hi <= 4.0
+    assert speedup_interval(noisy) == (lo, hi)  # seeded: the same runs give the same interval
+    assert paired(runs[:2], base[1:], lambda r: r["total_s"]) == [(8.0, 4.0)]  # only prompts both ran
+    mean, se = paired_difference([(0.8, 0.9), (0.8, 0.7), (0.6, 0.8), (1.0, 1.0)])  # differences .1 -.1 .2 0
+    assert mean == pytest.approx(0.05)
+    assert se == pytest.approx(statistics.stdev([0.1, -0.1, 0.2, 0.0]) / 2)
+    assert paired_difference([(0.5, 0.75)]) == (0.25, None)
 
 
 def test_own_teacache_coefficients_reach_every_teacache_method_and_the_report():
@@ -107,6 +141,38 @@ def test_every_method_ran_on_every_prompt(report):
         assert len(m["schedules"]) == 2
     base = report["methods"][0]
     assert base["speedup"] == 1.0 and base["ssim"] == 1.0 and base["psnr"] == float("inf")
+
+
+def test_every_figure_says_how_sure_it_is(report):
+    """Each method's speedup carries its bootstrap interval over the prompts, and its score its change against the
+    baseline's images with a standard error; every step-reduction run is set against each method it was matched
+    to, with the score difference per prompt."""
+    rows = {m["method"]: m for m in report["methods"]}
+    for m in report["methods"]:
+        lo, hi = m["speedup_ci95"]  # 2 prompts: an interval exists
+        assert lo <= m["speedup"] * (1 + 1e-9) and m["speedup"] <= hi * (1 + 1e-9)
+        assert m["score_delta_se"] is not None
+    base = rows["native"]
+    assert base["speedup_ci95"] == [1.0, 1.0] and base["score_delta"] == 0.0 and base["score_delta_se"] == 0.0
+    fewer = [m for m in report["methods"] if m["kind"] == "fewer-steps"]
+    assert {(e["reduction"], e["method"]) for e in report["equal_time"]} >= {
+        (m["method"], m["method"].split("(")[1].removesuffix("'s time)")) for m in fewer
+    }
+    for e in report["equal_time"]:
+        method, reduction = rows[e["method"]], rows[e["reduction"]]
+        assert e["pairs"] == 2 and e["steps"] == reduction["steps"]
+        assert e["speedup"] == method["speedup"] and e["reduction_speedup"] == reduction["speedup"]
+        # every prompt paired, so the mean of the differences is the difference of the means
+        assert e["score_delta"] == pytest.approx(method["score"] - reduction["score"])
+    text = markdown(report)
+    assert "| 95% CI |" in text and "| score - native (s.e.) |" in text
+    if report["equal_time"]:
+        assert "step reduction at equal time" in text and f"against {report['equal_time'][0]['steps']} native" in text
+    old = {k: v for k, v in report.items() if k != "equal_time"}  # a report from before 2026-12-06 still prints
+    old["methods"] = [
+        {k: v for k, v in m.items() if not k.startswith(("speedup_ci", "score_delta"))} for m in rows.values()
+    ]
+    assert "step reduction at equal time" not in markdown(old)
 
 
 def test_methods_do_what_they_say(report):
@@ -176,6 +242,30 @@ def test_cli_writes_json_and_plot(tiny_engines, tmp_path):
     assert data["steps"] == 4 and len(data["methods"]) == 7 + again + len(fewer) and data["call_batch"] == 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| method | speedup |" in result.output
+
+
+def test_plot_sets_every_method_against_the_step_reduction_curve(report, tmp_path, monkeypatch):
+    """The quality-vs-speed panel: every method but step reduction in the legend with its speedup's interval as a
+    bar, and step reduction drawn as one dashed curve from the baseline through each step count."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from ddit_export.bench import plot
+
+    monkeypatch.setattr(plt, "close", lambda fig: None)  # keep the figure to look at it
+    before = set(plt.get_fignums())
+    plot(report, str(tmp_path / "bench.png"))
+    fig = plt.figure((set(plt.get_fignums()) - before).pop())
+    ax = fig.axes[0]
+    names = [t.get_text() for t in ax.get_legend().get_texts()]
+    methods = [m for m in report["methods"] if m["kind"] != "fewer-steps" and not m["method"].startswith("native (")]
+    assert names[1:] == [m["method"] for m in methods] and names[0].startswith("native at fewer steps")
+    curves = [line for line in ax.get_lines() if line.get_linestyle() == "--" and len(line.get_xdata()) > 0]
+    fewer = [m for m in report["methods"] if m["kind"] == "fewer-steps"]
+    if fewer:  # which step counts fit depends on this machine's speed; on a fast one none may
+        expected = sorted([report["methods"][0]["speedup"], *(m["speedup"] for m in fewer)])
+        assert len(curves) == 1 and list(curves[0].get_xdata()) == pytest.approx(expected)
+    bars = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(bars) == len(methods)  # two prompts: every method has an interval
+    plt.close(fig)
 
 
 def test_cli_bad_input_is_one_line(tiny_engines, tmp_path):
