@@ -198,6 +198,12 @@ def _backend_options(fn):
     "per step such as 1,1,1,4,4,2,...",
 )
 @click.option(
+    "--sizes",
+    default=None,
+    help="Patch sizes to load and let DDiT choose from, e.g. 1,2 to leave 4p out without re-exporting (default: "
+    "every size in the folder). DDiT needs 1; only these engines are opened.",
+)
+@click.option(
     "--teacache",
     type=float,
     default=None,
@@ -264,10 +270,12 @@ def run_main(engines, prompt, output, steps, schedule, backend, provider, cuda_g
 
     check_prompt(prompt)
     opts["teacache_coefficients"] = _teacache_coefficients(opts["teacache_coefficients"], opts["teacache"] is not None)
+    sizes = None if opts["sizes"] is None else _parse_sizes(opts["sizes"])
+    available = "exported" if sizes is None else "loaded (--sizes)"
     family = peek_family(engines)
     if family == "wan":
-        load = dict(backend=backend, provider=provider, cuda_graphs=cuda_graphs, verify=not no_verify)
-        runtime, result, path = _run_wan(engines, prompt, output, steps, schedule, load, as_json, opts)
+        load = dict(backend=backend, provider=provider, cuda_graphs=cuda_graphs, verify=not no_verify, sizes=sizes)
+        runtime, result, path = _run_wan(engines, prompt, output, steps, schedule, load, as_json, opts, available)
     else:
         wan_only = [k for k in ("frames", "guidance_scale", "frames_dir") if opts[k] is not None]
         if wan_only:
@@ -277,11 +285,11 @@ def run_main(engines, prompt, output, steps, schedule, backend, provider, cuda_g
 
         output = check_png_path(output or "ddit.png")
         runtime = FluxRuntime(
-            engines, backend=backend, provider=provider, cuda_graphs=cuda_graphs, verify=not no_verify
+            engines, backend=backend, provider=provider, cuda_graphs=cuda_graphs, verify=not no_verify, sizes=sizes
         )
         _say_backend(runtime, as_json)
         steps = runtime.spec.scheduler.steps if steps is None else steps
-        fixed = parse_schedule(schedule, steps, runtime.sizes)
+        fixed = parse_schedule(schedule, steps, runtime.sizes, available)
         keys = ("seed", "height", "width", "guidance", "true_cfg", "tau", "rho", "teacache", "teacache_switch", "cfg")
         keys += ("teacache_coefficients",)
         negative = {} if opts["negative_prompt"] is None else {"negative_prompt": opts["negative_prompt"]}
@@ -292,7 +300,7 @@ def run_main(engines, prompt, output, steps, schedule, backend, provider, cuda_g
     _report(runtime, result, path, as_json)
 
 
-def _run_wan(engines, prompt, output, steps, schedule, load, as_json, opts):
+def _run_wan(engines, prompt, output, steps, schedule, load, as_json, opts, available):
     from ddit_runtime.outputs import check_frames_dir
     from ddit_runtime.scheduler import parse_schedule
     from ddit_runtime.video import check_video_path, save_frames, save_mp4
@@ -308,7 +316,7 @@ def _run_wan(engines, prompt, output, steps, schedule, load, as_json, opts):
     runtime = WanRuntime(engines, **load)
     _say_backend(runtime, as_json)
     steps = runtime.spec.scheduler.steps if steps is None else steps
-    fixed = parse_schedule(schedule, steps, runtime.sizes)
+    fixed = parse_schedule(schedule, steps, runtime.sizes, available)
     keys = ("negative_prompt", "frames", "height", "width", "seed", "guidance_scale", "tau", "rho", "cfg")
     keys += ("teacache", "teacache_switch", "teacache_coefficients")
     result = runtime.generate(prompt, steps=steps, schedule=fixed, progress=not as_json, **{k: opts[k] for k in keys})
@@ -570,6 +578,12 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
 @click.option("--frames", type=int, default=None, help="Wan: video frames, 4n+1 (default: the profile's).")
 @click.option("--taus", default=None, help="DDiT tau presets, comma-separated (default: tau/2, tau, 2 tau).")
 @click.option(
+    "--sizes",
+    default=None,
+    help="Patch sizes to load, e.g. 1,2: DDiT chooses among them and the fixed schedules cover them (default: "
+    "every size in the folder; 1, the baseline's, is needed).",
+)
+@click.option(
     "--teacache-thresholds",
     default=None,
     help="TeaCache thresholds, comma-separated (default: the profile's presets: FLUX 0.25,0.4,0.6; Wan "
@@ -596,6 +610,7 @@ def bench_main(
     width,
     frames,
     taus,
+    sizes,
     teacache_thresholds,
     teacache_coefficients,
     backend,
@@ -623,6 +638,7 @@ def bench_main(
     Examples:
       ddit-bench engines/ --count 16 --json bench.json --plot bench.png
       ddit-bench engines/ --prompts my_prompts.txt --height 768 --width 1360 --json bench.json
+      ddit-bench engines/ --sizes 1,2 --height 512 --width 512 --taus 0.02,0.05
     """
     from ddit_export.bench import check_plot_path, markdown, plot, run_bench, write_json
     from ddit_runtime.outputs import check_writable
@@ -646,6 +662,7 @@ def bench_main(
         height=height,
         width=width,
         frames=frames,
+        sizes=None if sizes is None else _parse_sizes(sizes),
     )
     click.echo(markdown(report))
     if json_out:

@@ -857,7 +857,9 @@ def run_bench(
     height: int | None = None,
     width: int | None = None,
     frames: int | None = None,
+    sizes: list[int] | None = None,
 ) -> dict:
+    """``sizes``: the exported patch sizes to load (default: all); the native 1 is the baseline's and must be one."""
     from ddit_runtime import runtime_class
     from ddit_runtime.manifest import load_manifest
 
@@ -865,11 +867,17 @@ def run_bench(
         raise DDiTError("--seeds and --count must be at least 1")
     if steps is not None and steps < 1:
         raise DDiTError(f"--steps must be at least 1, got {steps}")
+    if sizes is not None and 1 not in sizes:
+        raise DDiTError(f"--sizes {','.join(map(str, sizes))} leaves out 1, the native baseline's size: add 1")
     prompts = read_prompt_file(prompts_file) if prompts_file else None  # before the sessions load
-    if (height, width, frames) != (None, None, None):  # a bad shape fails before the sessions load (minutes at
-        manifest = load_manifest(engines, verify=False)  # real widths); the runtime verifies the files after
-        bench_shape(manifest.spec, manifest.sizes, height, width, frames)
-    runtime = runtime_class(engines)(engines, backend=backend, provider=provider)
+    if (height, width, frames) != (None, None, None) or sizes is not None:  # a bad shape or size fails before the
+        manifest = load_manifest(engines, verify=False)  # sessions load (minutes at real widths); the runtime
+        if sizes is not None:  # verifies the files after
+            missing = sorted(set(sizes) - set(manifest.sizes))
+            if missing:
+                raise DDiTError(f"--sizes: {missing} not exported to '{engines}' (it has {list(manifest.sizes)})")
+        bench_shape(manifest.spec, sizes or manifest.sizes, height, width, frames)
+    runtime = runtime_class(engines)(engines, backend=backend, provider=provider, sizes=sizes)
     if progress:
         print(f"{runtime.backend}; {runtime.loader.resident}", file=sys.stderr, flush=True)
     prompts = prompts or builtin_prompts(runtime.spec.family, count)

@@ -339,10 +339,12 @@ PROVIDER_BACKENDS = {"auto": "auto", "cpu": "ort-cpu", "cuda": "ort-cuda"}  # th
 def open_transformers(manifest: Manifest, folder, sizes, backend: str, verify: bool, cuda_graphs: bool):
     """A runtime's start: (sizes, EngineSet, {size: transformer engine}).
 
-    ``sizes`` defaults to every exported one; a size the folder lacks is a one-line error. ``backend`` is what
-    ``backend_from_provider`` resolved.
+    ``sizes`` (any order; repeats ignored) defaults to every exported one; only those engines are opened, and a
+    size the folder lacks is a one-line error. ``backend`` is what ``backend_from_provider`` resolved.
     """
-    wanted = manifest.sizes if sizes is None else tuple(sizes)
+    wanted = manifest.sizes if sizes is None else tuple(sorted({int(k) for k in sizes}))
+    if not wanted:
+        raise DDiTError(f"no patch sizes given: pick some of {list(manifest.sizes)}, e.g. --sizes 1,2")
     missing = [k for k in wanted if k not in manifest.sizes]
     if missing:
         raise DDiTError(

@@ -20,7 +20,7 @@ from .backends import backend_from_provider, open_transformers
 from .engine import OrtEngine, elapsed_ms, loop_threads, teacache_probe
 from .guidance import CFG_MODES, guided_velocity
 from .manifest import Manifest, load_manifest
-from .scheduler import PatchScheduler
+from .scheduler import PatchScheduler, check_schedule_sizes
 from .sigmas import flux_sigmas
 from .teacache import TeaCache, any_compute
 from .text import PromptTokenizer, check_prompt
@@ -139,6 +139,7 @@ class FluxRuntime:
             raise DDiTError(f"--rho is a quantile and must be in [0, 1], got {rho}")
         if schedule is not None and len(schedule) != steps:
             raise DDiTError(f"the schedule has {len(schedule)} entries for {steps} steps: give one per step")
+        check_schedule_sizes(schedule, self.sizes)
         guided = true_cfg > 1.0
         caches = None
         if teacache is not None:  # one accumulator per pass: the prompt's, and the negative's when guided
@@ -166,6 +167,7 @@ class FluxRuntime:
             tau=tau,
             rho=rho,
             schedule_mode="auto" if schedule is None else "fixed",
+            sizes=list(self.sizes),  # the engines DDiT could choose from
             teacache=teacache,
         )
         if caches is not None:  # every pass sees the same schedule: count the steps once

@@ -171,8 +171,22 @@ class PatchScheduler:
         return max((k for k, sigma in zip(coarse, sigmas, strict=True) if sigma < self.tau), default=1)
 
 
-def parse_schedule(text: str, steps: int, factors: Sequence[int]) -> list[int] | None:
-    """The ``--schedule`` value: 'auto' -> None, '2' -> [2] * steps, '1,2,4,...' -> that list (one per step)."""
+def check_schedule_sizes(schedule: Sequence[int] | None, loaded: Sequence[int]) -> None:
+    """A generation's schedule against the sizes loaded: DDiT's (``None``) needs the native factor 1, as its
+    warm-up steps and any step no coarse size fits run at 1p; a fixed one may use the loaded sizes only."""
+    if schedule is None and 1 not in loaded:
+        raise DDiTError(
+            f"DDiT's schedule needs the native size 1 (its warm-up steps and its fallback run at 1p), but only "
+            f"{', '.join(map(str, sorted(loaded)))} are loaded: add 1 to --sizes, or give a fixed --schedule"
+        )
+    unloaded = sorted(set(schedule or ()) - set(loaded))
+    if unloaded:
+        raise DDiTError(f"the schedule uses patch sizes {unloaded}, but only {list(loaded)} are loaded")
+
+
+def parse_schedule(text: str, steps: int, factors: Sequence[int], available: str = "exported") -> list[int] | None:
+    """The ``--schedule`` value: 'auto' -> None, '2' -> [2] * steps, '1,2,4,...' -> that list (one per step).
+    ``available`` names what ``factors`` are in the error for a factor outside them ('exported', 'loaded')."""
     text = text.strip()
     if text.lower() == "auto":
         return None
@@ -193,6 +207,7 @@ def parse_schedule(text: str, steps: int, factors: Sequence[int]) -> list[int] |
     for k in schedule:
         if k not in exported:
             raise DDiTError(
-                f"schedule uses patch size {k}, which was not exported (exported: {', '.join(map(str, exported))})"
+                f"schedule uses patch size {k}, which was not {available} ({available}: "
+                f"{', '.join(map(str, exported))})"
             )
     return schedule

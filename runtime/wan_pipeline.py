@@ -24,7 +24,7 @@ from .engine import OrtEngine, elapsed_ms, loop_threads, teacache_probe
 from .guidance import CFG_MODES, guided_velocity
 from .manifest import load_manifest
 from .pipeline import Generation
-from .scheduler import PatchScheduler
+from .scheduler import PatchScheduler, check_schedule_sizes
 from .teacache import TeaCache, any_compute
 from .text import PromptTokenizer
 from .unipc import UniPCFlowSampler, wan_flow_sigmas, wan_flow_timesteps
@@ -133,6 +133,7 @@ class WanRuntime:
             raise DDiTError(f"unknown --cfg '{cfg}': choose {' or '.join(CFG_MODES)}")
         if schedule is not None and len(schedule) != steps:
             raise DDiTError(f"the schedule has {len(schedule)} entries for {steps} steps: give one per step")
+        check_schedule_sizes(schedule, self.sizes)
         caches = None
         if teacache is not None:  # one accumulator per pass: conditional, and unconditional when guided
             passes = 2 if scale > 1.0 else 1
@@ -160,6 +161,7 @@ class WanRuntime:
             rho=rho,
             cfg=cfg,
             schedule_mode="auto" if schedule is None else "fixed",
+            sizes=list(self.sizes),  # the engines DDiT could choose from
             sampler="unipc_flow",
             flow_shift=spec.flow_shift(height, width),
             teacache=teacache,

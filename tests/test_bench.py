@@ -2,6 +2,7 @@
 numbers are consistent with the runs, the FLOP count matches the paper's ratios, and the CLI writes its files."""
 
 import json
+import re
 import statistics
 
 import pytest
@@ -18,7 +19,7 @@ from ddit_export.bench import (
     run_bench,
     speedup_interval,
 )
-from ddit_profiles import get_profile
+from ddit_profiles import DDiTError, get_profile
 
 
 def test_flop_ideal_ratios_are_the_papers_at_flux_dev_1024():
@@ -346,6 +347,32 @@ def test_bench_runs_every_method_at_the_asked_resolution(tiny_engines):
         assert row["bare_ms"] > 0
     assert report["per_size"][4]["flop_ideal"] < spec.step_flops(1, 256, 256) / spec.step_flops(4, 256, 256)
     assert markdown(report).startswith("flux-tiny on cpu (ort-cpu), 128x192, 3 steps")
+
+
+def test_bench_sizes_restrict_every_method_to_the_engines_loaded(tiny_engines):
+    """``--sizes 1,2``: DDiT and the fixed schedules use 1p and 2p only, the per-size rows are those two, and a
+    resolution that tiles 2p but not 4p (160 = 5 x 32) is accepted."""
+    report = run_bench(
+        str(tiny_engines), count=1, steps=4, taus=[1e9], thresholds=[1e9], progress=False, height=160, sizes=[1, 2]
+    )
+    assert set(report["per_size"]) == {1, 2} and report["height"] == 160
+    names = [m["method"] for m in report["methods"]]
+    assert "fixed 2p" in names and not any("4p" in n for n in names)
+    for m in report["methods"]:
+        assert {k for schedule in m["schedules"] for k in schedule} <= {1, 2}, m["method"]
+    ddit = next(m for m in report["methods"] if m["method"].startswith("DDiT tau"))
+    assert ddit["schedules"] == [[1, 1, 1, 2]]
+
+
+def test_bench_sizes_are_checked_before_the_engines_load(tiny_engines, monkeypatch):
+    import ddit_runtime
+
+    monkeypatch.setattr(ddit_runtime, "runtime_class", lambda folder: pytest.fail("the engines were loaded"))
+    for sizes, words in [([2, 4], "leaves out 1, the native baseline's size"), ([1, 8], "[8] not exported")]:
+        with pytest.raises(DDiTError, match=re.escape(words)):
+            run_bench(str(tiny_engines), count=1, steps=2, progress=False, sizes=sizes)
+    result = CliRunner().invoke(bench_main, [str(tiny_engines), "--sizes", "1,x"])
+    assert result.exit_code == 2 and "cannot parse --sizes '1,x'" in result.output
 
 
 def test_bare_calls_timed_between_rounds_are_what_the_report_uses(tiny_engines):

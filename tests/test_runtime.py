@@ -275,6 +275,52 @@ def test_cli_matches_the_api(tiny_engines, tmp_path, runtime):
     assert torch.equal(written, expected)
 
 
+# ---- --sizes: a subset of the folder's engines -------------------------------------------------------------------
+
+
+def test_sizes_load_only_those_engines_and_ddit_chooses_among_them(tiny_engines, runtime):
+    """With 1p and 2p loaded, a tau that sends every step after the warm-up to 4p on the whole folder sends it to
+    2p, and each step is the one the full folder computes with that schedule (same engines, same latent)."""
+    subset = FluxRuntime(tiny_engines, provider="cpu", sizes=[2, 1, 2])
+    assert subset.sizes == (1, 2) and sorted(subset.engines) == [1, 2]
+    assert "transformer_k2" in subset.loader.resident and "transformer_k4" not in subset.loader.resident
+    result = subset.generate(PROMPT, steps=STEPS, seed=0, tau=1e9, progress=False)
+    assert result.schedule == [1, 1, 1, 2, 2, 2] and result.settings["sizes"] == [1, 2]
+    full = runtime.generate(PROMPT, steps=STEPS, seed=0, schedule=result.schedule, progress=False)
+    assert torch.equal(result.image, full.image)
+    assert runtime.generate(PROMPT, steps=STEPS, tau=1e9, progress=False).schedule == [1, 1, 1, 4, 4, 4]
+
+
+def test_sizes_without_the_native_one_run_fixed_schedules_only(tiny_engines):
+    coarse = FluxRuntime(tiny_engines, provider="cpu", sizes=[4])
+    assert coarse.generate(PROMPT, steps=2, schedule=[4, 4], progress=False).schedule == [4, 4]
+    with pytest.raises(DDiTError, match=r"needs the native size 1 .* only 4 are loaded: add 1 to --sizes"):
+        coarse.generate(PROMPT, steps=2, progress=False)
+    with pytest.raises(DDiTError, match=r"schedule uses patch sizes \[1\], but only \[4\] are loaded"):
+        coarse.generate(PROMPT, steps=2, schedule=[1, 4], progress=False)
+    with pytest.raises(DDiTError, match=r"no patch sizes given: pick some of \[1, 2, 4\]"):
+        FluxRuntime(tiny_engines, provider="cpu", sizes=[])
+
+
+def test_cli_sizes(tiny_engines, tmp_path):
+    out = tmp_path / "12.png"
+    data = _run_json(tiny_engines, out, "--sizes", "1,2", "--tau", "1e9")
+    assert data["engines"] == [1, 2] and data["sizes"] == [1, 2] and data["schedule"] == [1, 1, 1, 2, 2, 2]
+    assert json.loads(Image.open(out).text["ddit"])["sizes"] == [1, 2]
+    for args, words in [
+        (["--sizes", "1,8"], ["[8] were not exported", "(it has [1, 2, 4])"]),
+        (["--sizes", "2,4"], ["needs the native size 1", "add 1 to --sizes, or give a fixed --schedule"]),
+        (["--sizes", "1,2", "--schedule", "4"], ["patch size 4, which was not loaded (--sizes)", "1, 2"]),
+        (["--sizes", "one"], ["cannot parse --sizes 'one'"]),
+    ]:
+        bad = tmp_path / "bad.png"
+        result = CliRunner().invoke(run_main, [str(tiny_engines), "--prompt", PROMPT, "-o", str(bad), *args])
+        assert result.exit_code == 2 and all(w in result.output for w in words), result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert "Traceback" not in result.output and len(errors) == 1, result.output
+        assert not bad.exists()
+
+
 # ---- output paths -----------------------------------------------------------------------------------------------
 
 

@@ -44,6 +44,17 @@ def test_auto_schedule_switches_after_warmup(runtime):
     assert runtime.generate(PROMPT, frames=5, steps=6, tau=0.0, progress=False).schedule == [1] * 6
 
 
+def test_sizes_leave_a_size_out_of_ddits_choice(wan_engines, runtime):
+    subset = WanRuntime(wan_engines, provider="cpu", sizes=[1, 2])
+    assert sorted(subset.engines) == [1, 2]
+    result = subset.generate(PROMPT, frames=5, steps=6, seed=4, tau=1e9, progress=False)
+    assert result.schedule == [1, 1, 1, 2, 2, 2] and result.settings["sizes"] == [1, 2]
+    full = runtime.generate(PROMPT, frames=5, steps=6, seed=4, schedule=result.schedule, progress=False)
+    assert torch.equal(result.image, full.image)
+    with pytest.raises(DDiTError, match=r"uses patch sizes \[4\], but only \[1, 2\] are loaded"):
+        subset.generate(PROMPT, frames=5, steps=2, schedule=[1, 4], progress=False)
+
+
 def test_non_square_and_padded_sizes(runtime):
     """144 px rows give a latent of 18: the 4p engine pads to 24 and crops back."""
     result = runtime.generate(PROMPT, frames=5, height=144, width=192, steps=3, schedule=[4, 4, 4], progress=False)
