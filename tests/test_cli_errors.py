@@ -387,6 +387,7 @@ def test_export_adapters_without_a_requested_size(tmp_path, tiny_spec, tiny_part
                 "--tau",
                 "--rho",
                 "--schedule",
+                "--sizes",
                 "--backend",
                 "--no-verify",
                 "--json",
