@@ -14,6 +14,7 @@ a standard error over the prompts, so that a difference can be told from noise.
 from __future__ import annotations
 
 import json
+import math
 import random
 import statistics
 import sys
@@ -820,12 +821,14 @@ def plot(report: dict, path: str) -> Path:
     ddit = next((r for r in rows if r["kind"] == "ddit" and r["options"].get("tau") == report.get("tau")), None)
     ddit = ddit or next(r for r in rows if r["kind"] == "ddit")
     grid = torch.tensor(ddit["schedules"], dtype=torch.float32).log2()
-    im = bx.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=2, interpolation="nearest")
+    sizes = sorted({int(k) for k in report["per_size"]})  # the sizes loaded (--sizes), so the ones DDiT could pick
+    top = max(2.0, math.log2(sizes[-1]))  # a size keeps its colour whichever sizes a run loaded
+    im = bx.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=top, interpolation="nearest")
     bx.set_xlabel("step")
     bx.set_ylabel("prompt x seed")
     bx.set_title(f"{ddit['method']}: patch size per step")
-    cbar = fig.colorbar(im, ax=bx, ticks=[0, 1, 2])
-    cbar.ax.set_yticklabels(["1p", "2p", "4p"])
+    cbar = fig.colorbar(im, ax=bx, ticks=[math.log2(k) for k in sizes])
+    cbar.ax.set_yticklabels([f"{k}p" for k in sizes])
     for line in interrupted_lines(report):  # a partial run must not pass for a whole one
         fig.suptitle(line, color="red", fontsize=9)
     fig.tight_layout()
