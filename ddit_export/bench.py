@@ -614,6 +614,8 @@ class Bench:
         return dict(
             equal_time=self.equal_time(rows),
             engines=str(self.runtime.manifest.folder),
+            sizes=list(self.runtime.sizes),  # loaded (--sizes), so the ones DDiT could pick
+            exported_sizes=list(self.runtime.manifest.sizes),
             tau=self.tau,
             family=self.family,
             profile=self.spec.name,
@@ -671,12 +673,20 @@ def _delta(delta, se) -> str:
     return f"{delta:+.3f} ({se:.3f})" if se is not None else f"{delta:+.3f}"
 
 
+def subset_note(report: dict) -> str:
+    """', sizes 1, 2 of 1, 2, 4 (--sizes)' when the run loaded a subset of the folder's sizes, else ''."""
+    loaded, exported = report.get("sizes"), report.get("exported_sizes")
+    if not loaded or not exported or list(loaded) == list(exported):
+        return ""
+    return f", sizes {', '.join(map(str, loaded))} of {', '.join(map(str, exported))} (--sizes)"
+
+
 def markdown(report: dict) -> str:
     """The report as two markdown tables (per size; per method) and the scheduler overhead."""
     lines = [
         f"{report['profile']} on {report['device']} ({report.get('backend', 'ort')}), {report['height']}x{report['width']}"
         f"{', ' + str(report['frames']) + ' frames' if report.get('frames') else ''}, {report['steps']} steps, "
-        f"{len(report['prompts'])} prompts x {report['seeds']} seeds",
+        f"{len(report['prompts'])} prompts x {report['seeds']} seeds{subset_note(report)}",
         *interrupted_lines(report),
         "",
         "| size | runtime step ms | of which outside the engines | ratio | DDiT's steps ms | bare engine ms | bare ratio "

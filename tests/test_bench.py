@@ -347,6 +347,7 @@ def test_bench_runs_every_method_at_the_asked_resolution(tiny_engines):
         assert row["bare_ms"] > 0
     assert report["per_size"][4]["flop_ideal"] < spec.step_flops(1, 256, 256) / spec.step_flops(4, 256, 256)
     assert markdown(report).startswith("flux-tiny on cpu (ort-cpu), 128x192, 3 steps")
+    assert "--sizes" not in markdown(report).splitlines()[0]  # all the folder's sizes: no note
 
 
 def test_bench_sizes_restrict_every_method_to_the_engines_loaded(tiny_engines):
@@ -356,6 +357,8 @@ def test_bench_sizes_restrict_every_method_to_the_engines_loaded(tiny_engines):
         str(tiny_engines), count=1, steps=4, taus=[1e9], thresholds=[1e9], progress=False, height=160, sizes=[1, 2]
     )
     assert set(report["per_size"]) == {1, 2} and report["height"] == 160
+    assert report["sizes"] == [1, 2] and report["exported_sizes"] == [1, 2, 4]
+    assert markdown(report).splitlines()[0].endswith("1 prompts x 1 seeds, sizes 1, 2 of 1, 2, 4 (--sizes)")
     names = [m["method"] for m in report["methods"]]
     assert "fixed 2p" in names and not any("4p" in n for n in names)
     for m in report["methods"]:
