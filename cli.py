@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -123,6 +124,7 @@ def export_main(family, sizes, model, profile_name, adapters, output, force, trt
         from ddit_export.wan_export import export_wan as export
     else:
         from ddit_export.flux_export import export_flux as export
+    _hush_loaders(quiet)
 
     manifest = export(
         model, spec, factors, output, adapters_path=adapters, force=force, progress=not quiet, precision=precision
@@ -370,9 +372,32 @@ def _report(runtime, result, path, as_json: bool) -> None:
         click.echo(
             f"wrote {path} ({s['height']}x{s['width']}, {s['steps']} steps, {result.total_s:.2f} s); "
             f"schedule {''.join(map(str, result.schedule))}, {coarse:.0%} of steps coarse"
-            + (f", {sum(result.computed)}/{len(result.computed)} steps computed" if not all(result.computed) else ""),
+            + (f", {sum(result.computed)}/{len(result.computed)} steps computed" if not all(result.computed) else "")
+            + (f"; {_tau_note(runtime, s)}" if s["schedule_mode"] == "auto" else ""),
             err=True,
         )
+
+
+def _tau_note(runtime, settings: dict) -> str:
+    """'tau 0.05 (calibrated for this shape)', or the profile's, naming the shapes the folder has taus for."""
+    tau, source = settings["tau"], settings["tau_source"]
+    if source == "given":
+        return f"tau {tau:g}"
+    if source.startswith("calibrated"):
+        return f"tau {tau:g} (calibrated for this shape by ddit-bench --save-tau)"
+    calibrated = runtime.spec.scheduler.calibrated
+    elsewhere = f"; calibrated only for {' | '.join(e.shape() for e in calibrated)}" if calibrated else ""
+    return f"tau {tau:g} (the profile's{elsewhere})"
+
+
+def _hush_loaders(quiet: bool) -> None:
+    """--quiet: also no progress bars from transformers and diffusers while they load weights."""
+    if quiet:
+        import diffusers
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -486,6 +511,7 @@ def train_main(family, model, profile_name, sizes, output, eval_only, force, qui
     from ddit_export.train import TrainConfig, Trainer
 
     cfg = TrainConfig(model=model, sizes=tuple(_parse_sizes(sizes)), output=Path(output), **opts)
+    _hush_loaders(quiet)
     trainer = Trainer(cfg, spec, progress=not quiet, force=force and not eval_only)
     if eval_only:
         result = trainer.evaluate_existing()
@@ -537,6 +563,7 @@ def recipe_main(family, output, smoke, install, seed, fast, quiet):
             raise DDiTError(f"--fast is measured on the flux recipe only, not {spec.family}: drop --fast")
         steps = steps.accelerated() if smoke else Steps.fast()
     output = Path(output or f"build/tiny-{spec.family}")
+    _hush_loaders(quiet)
     recipe = Recipe(spec, output, steps, seed, progress=not quiet)
     recipe.run()
     if install:
@@ -598,6 +625,28 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
 @_backend_options
 @click.option("--json", "json_out", default=None, help="Write the full report (every run) as JSON here.")
 @click.option("--plot", "plot_out", default=None, help="Write quality-vs-speed and schedule plots (PNG) here.")
+@click.option(
+    "--save-tau",
+    is_flag=True,
+    help="After the run, record in ENGINES_DIR's manifest the largest (so fastest) of --taus whose quality met the "
+    "bar (--max-score-drop on the built-in prompts, else --min-ssim) for this shape: height, width, frames, steps, "
+    "--sizes and rho. ddit-run and ddit-bench then use it there when --tau / --taus is not given; elsewhere the "
+    "profile's tau stays. Nothing is written when no tau met it.",
+)
+@click.option(
+    "--max-score-drop",
+    type=click.FloatRange(0.0),
+    default=0.03,
+    show_default=True,
+    help="--save-tau's bar on the built-in prompts: the most the evaluator's score may fall below the baseline's.",
+)
+@click.option(
+    "--min-ssim",
+    type=click.FloatRange(-1.0, 1.0),
+    default=None,
+    help="--save-tau's bar: the least mean SSIM against the baseline's images. Default 0.9 with --prompts (no "
+    "evaluator scores); with the built-in prompts, none unless given (then both bars apply).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_one_line_errors
 def bench_main(
@@ -617,6 +666,9 @@ def bench_main(
     provider,
     json_out,
     plot_out,
+    save_tau,
+    max_score_drop,
+    min_ssim,
     quiet,
 ):
     """Measure every schedule on ENGINES_DIR side by side, in one process, on the same prompts and seeds.
@@ -638,15 +690,17 @@ def bench_main(
     Examples:
       ddit-bench engines/ --count 16 --json bench.json --plot bench.png
       ddit-bench engines/ --prompts my_prompts.txt --height 768 --width 1360 --json bench.json
-      ddit-bench engines/ --sizes 1,2 --height 512 --width 512 --taus 0.02,0.05
+      ddit-bench engines/ --sizes 1,2 --height 512 --width 512 --taus 0.02,0.05 --save-tau
     """
     from ddit_export.bench import check_plot_path, markdown, plot, run_bench, write_json
-    from ddit_runtime.outputs import check_writable
+    from ddit_runtime.outputs import check_folder_writable, check_writable
 
     if json_out:  # checked before the run: it can take minutes, and its report must have somewhere to go
         check_writable(json_out, "--json")
     if plot_out:
         check_plot_path(plot_out)
+    if save_tau and Path(engines).is_dir():  # a missing folder gets run_bench's own error
+        check_folder_writable(Path(engines), "--save-tau into", Path(engines))
     report = run_bench(
         engines,
         prompts_file,
@@ -670,9 +724,36 @@ def bench_main(
     if plot_out:
         click.echo(f"wrote {plot(report, plot_out)}", err=True)
     stop = report.get("interrupted")
+    if save_tau and stop:
+        click.echo("--save-tau: the run was interrupted, so no tau is recorded", err=True)
+    elif save_tau:
+        _save_tau(engines, report, min_ssim, max_score_drop)
     if stop:  # what finished was reported and written; the status still says the run did not complete
         click.echo(f"interrupted: the report covers {stop['finished']} of {stop['of']} prompt x seed runs", err=True)
         sys.exit(130)
+
+
+def _save_tau(engines: str, report: dict, min_ssim: float, max_score_drop: float) -> None:
+    """ddit-bench --save-tau: each tau's verdict, then the fastest that met the bar into the manifest."""
+    from ddit_export.bench import calibrated_tau, choose_tau
+    from ddit_export.manifest import save_calibrated_tau
+
+    row, lines = choose_tau(report, max_score_drop, min_ssim)
+    for line in lines:
+        click.echo(f"--save-tau: {line}", err=True)
+    if row is None:
+        taus = ", ".join(f"{r['options']['tau']:g}" for r in report["methods"] if r["kind"] == "ddit")
+        raise DDiTError(
+            f"--save-tau: no tau of {taus} met the bar, so the manifest is unchanged: give smaller --taus, or "
+            "loosen --min-ssim / --max-score-drop"
+        )
+    entry = calibrated_tau(report, row)
+    path = save_calibrated_tau(engines, entry)
+    click.echo(
+        f"--save-tau: recorded tau {entry.tau:g} for {entry.shape()} in {path}; ddit-run uses it at that shape "
+        "unless --tau is given",
+        err=True,
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -238,6 +238,8 @@ def bare_outputs(spec, engine, k: int, feeds: dict, height: int, width: int) -> 
     return outputs
 
 
+#: ``ddit-bench --save-tau``'s bar without the evaluator's scores: the least mean SSIM against the baseline's images
+DEFAULT_MIN_SSIM = 0.9
 BARE_CALLS = 16  # bare engine calls per size in a ddit-bench run, spread over its prompts and seeds
 
 
@@ -403,8 +405,15 @@ class Bench:
         again = Method("native (again, beside step reduction)", "baseline", dict(schedule=[1] * self.steps))
         return [again, *out.values()]
 
+    def default_tau(self) -> float:
+        """The tau a plain ``ddit-run`` takes at the bench's shape: one calibrated there (``--save-tau``), else the
+        profile's."""
+        scheduler = self.spec.scheduler
+        steps, sizes = self.steps, self.runtime.sizes
+        return scheduler.tau_for(self.height, self.width, self.frames, steps, sizes, scheduler.rho)[0]
+
     def run(self, taus: list[float] | None = None, thresholds: list[float] | None = None) -> dict:
-        tau = self.spec.scheduler.tau
+        tau = self.default_tau()
         taus = taus or [tau / 2, tau, tau * 2]
         thresholds = thresholds or list(self.spec.teacache.presets)
         self._generate(self.prompts[0], 0, dict(schedule=[1] * self.steps))  # warm the sessions up
@@ -617,6 +626,7 @@ class Bench:
             sizes=list(self.runtime.sizes),  # loaded (--sizes), so the ones DDiT could pick
             exported_sizes=list(self.runtime.manifest.sizes),
             tau=self.tau,
+            rho=self.spec.scheduler.rho,
             family=self.family,
             profile=self.spec.name,
             device=str(self.runtime.device),
@@ -641,6 +651,64 @@ class Bench:
             methods=rows,
             interrupted=self.interrupted,
         )
+
+
+def choose_tau(
+    report: dict, max_score_drop: float = 0.03, min_ssim: float | None = None
+) -> tuple[dict | None, list[str]]:
+    """What ``ddit-bench --save-tau`` keeps: of the DDiT rows (one per tau), the largest tau whose quality met the
+    bar, and one line per tau saying how it fared. Returns (None, lines) when no tau met it.
+
+    The bar: where the evaluator scored the runs (the built-in prompts), a score at most ``max_score_drop`` below
+    the baseline's; a ``min_ssim`` given adds a least mean SSIM against the baseline's images. Without scores (the
+    user's own prompts) SSIM is the only measure there is, and ``min_ssim`` defaults to ``DEFAULT_MIN_SSIM``.
+    SSIM alone is a strict proxy: on the tiny FLUX fine-tuned at 512, fixed 2p lost 0.003 of the score at SSIM 0.876.
+
+    The largest tau, not the one timed fastest: given the same latents a larger tau picks the same size or a coarser
+    one, so it is the faster in expectation, while the measured speedups of taus a few percent apart swap with the
+    machine's noise (four prompts on the tiny FLUX timed tau 0.002 at 1.19x and 0.004 at 1.26x, at 19% and 20%
+    of the steps coarse)."""
+    rows = [r for r in report["methods"] if r["kind"] == "ddit"]
+    scored = bool(rows) and all(r["score_delta"] is not None for r in rows)
+    min_ssim = DEFAULT_MIN_SSIM if min_ssim is None and not scored else min_ssim
+    passed, lines = [], []
+    for r in rows:
+        misses = []
+        if min_ssim is not None and not r["ssim"] >= min_ssim:
+            misses.append(f"SSIM {r['ssim']:.3f} < {min_ssim:g}")
+        if r["score_delta"] is not None and not r["score_delta"] >= -max_score_drop:
+            misses.append(f"score {r['score_delta']:+.3f} < -{max_score_drop:g}")
+        verdict = "; ".join(misses) if misses else "meets the bar"
+        lines.append(f"tau {r['options']['tau']:g}: {r['speedup']:.2f}x, {verdict}")
+        if not misses:
+            passed.append(r)
+    return max(passed, key=lambda r: r["options"]["tau"], default=None), lines
+
+
+def calibrated_tau(report: dict, row: dict):
+    """The manifest entry for ``row`` (a DDiT row of ``report``): the bench's shape, and what it measured there."""
+    from ddit_profiles import CalibratedTau
+
+    runs = len(row["schedules"])
+    quality = f"SSIM {row['ssim']:.3f}"
+    if row["score_delta"] is not None:
+        se = f" (s.e. {row['score_delta_se']:.3f})" if row["score_delta_se"] is not None else ""
+        quality += f", score {row['score_delta']:+.3f}{se} against native"
+    evidence = (
+        f"{row['speedup']:.2f}x end to end, {row['coarse_fraction']:.0%} of steps coarse, {quality}, over {runs} "
+        f"runs ({len(report['prompts'])} prompts x {report['seeds']} seeds) on {report['device']} "
+        f"({report['backend']}), ddit-bench {time.strftime('%Y-%m-%d')}"
+    )
+    return CalibratedTau(
+        report["height"],
+        report["width"],
+        report["frames"],
+        report["steps"],
+        tuple(report["sizes"]),
+        report["rho"],
+        row["options"]["tau"],
+        evidence,
+    )
 
 
 def _score(run: dict) -> float:

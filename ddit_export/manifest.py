@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 
-from ddit_profiles import DDiTError, FluxSpec
+from ddit_profiles import CalibratedTau, DDiTError, FluxSpec, spec_from_dict
 from ddit_runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from ddit_runtime.outputs import check_folder_writable
 
@@ -199,3 +200,29 @@ def source_block(model: str, adapters_file: Path | None, trained: bool, untraine
         adapters_trained=trained,
         initialisation="trained adapters" if trained else untrained,
     )
+
+
+def write_manifest_atomic(folder: Path, data: dict) -> None:
+    """Replace ``folder/manifest.json`` by a temporary file and a rename: readers see the old or the new one."""
+    partial = folder / f".{MANIFEST}.partial-{os.getpid()}"
+    try:
+        partial.write_text(json.dumps(data, indent=2) + "\n")
+        partial.replace(folder / MANIFEST)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def save_calibrated_tau(folder: str | Path, entry: CalibratedTau) -> Path:
+    """Record ``entry`` in ``folder``'s manifest (the profile block's scheduler defaults, which the runtime reads),
+    replacing any tau calibrated for the same shape; the rest of the manifest is kept as it is. The manifest is
+    read again here, so a change made while the bench ran (``ddit-build``) is not lost; it is replaced whole."""
+    folder = Path(folder)
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+        profile = data["profile"]
+        scheduler = spec_from_dict(profile).scheduler.with_calibrated(entry)
+        profile["scheduler"] = dataclasses.asdict(scheduler)
+        write_manifest_atomic(folder, data)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DDiTError(f"cannot record the tau in '{folder / MANIFEST}' ({e}): check the folder is writable") from None
+    return folder / MANIFEST

@@ -14,7 +14,6 @@ the text encoders, the VAE decoder), recorded in the manifest's ``tensorrt`` blo
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -26,9 +25,10 @@ import torch
 from ddit_profiles import FP8_MIN_CC, DDiTError, spec_from_dict
 from ddit_runtime.backends import compute_capability, graphs
 from ddit_runtime.engine import import_tensorrt
-from ddit_runtime.manifest import MANIFEST, load_manifest, sha256_file
+from ddit_runtime.manifest import load_manifest, sha256_file
 
 from . import __version__
+from .manifest import write_manifest_atomic
 
 Shape = tuple[int, ...]
 ShapeRange = tuple[Shape, Shape, Shape]  # (min, opt, max)
@@ -226,16 +226,6 @@ def _build_one(folder: Path, entry: dict, onnx: str, build_plan: PlanBuilder, ti
         partial.unlink(missing_ok=True)
     seconds = round(time.time() - started, 1)
     return entry | {"sha256": sha256_file(plan_path), "bytes": plan_path.stat().st_size, "seconds": seconds}
-
-
-def write_manifest_atomic(folder: Path, data: dict) -> None:
-    """Replace ``folder/manifest.json`` by a temporary file and a rename: readers see the old or the new one."""
-    partial = folder / f".{MANIFEST}.partial-{os.getpid()}"
-    try:
-        partial.write_text(json.dumps(data, indent=2) + "\n")
-        partial.replace(folder / MANIFEST)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def build_engines(

@@ -63,8 +63,44 @@ class Tolerance:
 
 
 @dataclass(frozen=True)
+class CalibratedTau:
+    """A tau that ``ddit-bench --save-tau`` chose for one engines folder at one generation shape: the fastest of the
+    taus it ran whose quality met its bar there.
+
+    The statistic's scale moves with the shape (FLUX's sigma shift grows with the token count, and a third
+    difference scales with the step size cubed), with rho, and with which sizes DDiT may pick, so the runtime takes
+    it only where every field below matches the generation; elsewhere the profile's ``tau`` stays.
+    """
+
+    height: int
+    width: int
+    frames: int | None  # Wan's frame count; None for FLUX
+    steps: int
+    sizes: tuple[int, ...]  # the transformer sizes loaded (ddit-run --sizes)
+    rho: float
+    tau: float
+    evidence: str = ""  # what the bench measured at that tau, for people reading the manifest
+
+    def __post_init__(self):
+        object.__setattr__(self, "sizes", tuple(sorted(int(k) for k in self.sizes)))
+
+    def key(self) -> tuple:
+        return (self.height, self.width, self.frames, self.steps, self.sizes, self.rho)
+
+    def shape(self) -> str:
+        """'512x512, 20 steps, sizes 1,2, rho 0.7' (frames first for Wan)."""
+        frames = f"{self.frames} frames of " if self.frames is not None else ""
+        sizes = ",".join(map(str, self.sizes))
+        return f"{frames}{self.height}x{self.width}, {self.steps} steps, sizes {sizes}, rho {self.rho:g}"
+
+
+@dataclass(frozen=True)
 class SchedulerDefaults:
-    """DDiT scheduler and sampler defaults (paper: tau = 0.001, rho = 0.4)."""
+    """DDiT scheduler and sampler defaults (paper: tau = 0.001, rho = 0.4).
+
+    ``calibrated``: taus ``ddit-bench --save-tau`` measured for particular shapes of an engines folder (empty in a
+    profile; the manifest's copy gains them). ``tau_for`` picks the one for a generation, else ``tau``.
+    """
 
     tau: float = 0.001
     rho: float = 0.4  # a quantile in [0, 1]: 0.4 is the 40th percentile of the per-patch stds
@@ -74,6 +110,25 @@ class SchedulerDefaults:
     # FLUX only: true classifier-free guidance against the empty prompt (diffusers' true_cfg_scale). 1 is off: FLUX.1
     # is guidance-distilled, while the embedded tiny FLUX learnt the unconditional velocity and needs it.
     true_cfg: float = 1.0
+    calibrated: tuple[CalibratedTau, ...] = ()
+
+    def __post_init__(self):  # a manifest's JSON gives a list of dicts
+        entries = tuple(e if isinstance(e, CalibratedTau) else CalibratedTau(**e) for e in self.calibrated)
+        object.__setattr__(self, "calibrated", entries)
+
+    def tau_for(
+        self, height: int, width: int, frames: int | None, steps: int, sizes, rho: float
+    ) -> tuple[float, CalibratedTau | None]:
+        """The tau for a generation of this shape with these sizes loaded and this rho: a calibrated one that
+        matches all of them, else the profile's ``tau`` (and None)."""
+        key = CalibratedTau(height, width, frames, steps, tuple(sizes), rho, 0.0).key()
+        entry = next((e for e in self.calibrated if e.key() == key), None)
+        return (self.tau, None) if entry is None else (entry.tau, entry)
+
+    def with_calibrated(self, entry: CalibratedTau) -> SchedulerDefaults:
+        """These defaults with ``entry`` added, replacing any calibrated tau of the same shape."""
+        kept = tuple(e for e in self.calibrated if e.key() != entry.key())
+        return dataclasses.replace(self, calibrated=(*kept, entry))
 
 
 @dataclass(frozen=True)

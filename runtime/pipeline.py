@@ -20,7 +20,7 @@ from .backends import backend_from_provider, open_transformers
 from .engine import OrtEngine, elapsed_ms, loop_threads, teacache_probe
 from .guidance import CFG_MODES, guided_velocity
 from .manifest import Manifest, load_manifest
-from .scheduler import PatchScheduler, check_schedule_sizes
+from .scheduler import PatchScheduler, check_schedule_sizes, tau_and_source
 from .sigmas import flux_sigmas
 from .teacache import TeaCache, any_compute
 from .text import PromptTokenizer, check_prompt
@@ -133,10 +133,11 @@ class FluxRuntime:
             raise DDiTError(f"--steps must be at least 1, got {steps}")
         if cfg not in CFG_MODES:
             raise DDiTError(f"unknown --cfg '{cfg}': choose {' or '.join(CFG_MODES)}")
-        tau, rho = defaults.tau if tau is None else tau, defaults.rho if rho is None else rho
+        rho = defaults.rho if rho is None else rho
         spec.check_resolution(height, width, self.sizes)
         if not 0.0 <= rho <= 1.0:
             raise DDiTError(f"--rho is a quantile and must be in [0, 1], got {rho}")
+        tau, tau_source = tau_and_source(defaults, tau, height, width, None, steps, self.sizes, rho)
         if schedule is not None and len(schedule) != steps:
             raise DDiTError(f"the schedule has {len(schedule)} entries for {steps} steps: give one per step")
         check_schedule_sizes(schedule, self.sizes)
@@ -165,6 +166,7 @@ class FluxRuntime:
             negative_prompt=negative_prompt if guided else None,
             cfg=cfg if guided else None,
             tau=tau,
+            tau_source=tau_source,
             rho=rho,
             schedule_mode="auto" if schedule is None else "fixed",
             sizes=list(self.sizes),  # the engines DDiT could choose from

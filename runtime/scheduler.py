@@ -171,6 +171,18 @@ class PatchScheduler:
         return max((k for k, sigma in zip(coarse, sigmas, strict=True) if sigma < self.tau), default=1)
 
 
+def tau_and_source(
+    defaults, tau: float | None, height: int, width: int, frames: int | None, steps: int, sizes, rho: float
+) -> tuple[float, str]:
+    """A generation's tau and where it came from: ``tau`` itself when given ('given'), else the tau ``ddit-bench
+    --save-tau`` calibrated for exactly this shape, step count, loaded sizes and rho ('calibrated: 512x512, ...'),
+    else the profile's ('profile'). ``defaults``: the manifest's ``SchedulerDefaults``."""
+    if tau is not None:
+        return tau, "given"
+    tau, entry = defaults.tau_for(height, width, frames, steps, sizes, rho)
+    return tau, "profile" if entry is None else f"calibrated: {entry.shape()}"
+
+
 def check_schedule_sizes(schedule: Sequence[int] | None, loaded: Sequence[int]) -> None:
     """A generation's schedule against the sizes loaded: DDiT's (``None``) needs the native factor 1, as its
     warm-up steps and any step no coarse size fits run at 1p; a fixed one may use the loaded sizes only."""

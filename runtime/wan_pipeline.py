@@ -24,7 +24,7 @@ from .engine import OrtEngine, elapsed_ms, loop_threads, teacache_probe
 from .guidance import CFG_MODES, guided_velocity
 from .manifest import load_manifest
 from .pipeline import Generation
-from .scheduler import PatchScheduler, check_schedule_sizes
+from .scheduler import PatchScheduler, check_schedule_sizes, tau_and_source
 from .teacache import TeaCache, any_compute
 from .text import PromptTokenizer
 from .unipc import UniPCFlowSampler, wan_flow_sigmas, wan_flow_timesteps
@@ -121,7 +121,7 @@ class WanRuntime:
         width = spec.opt_size[1] if width is None else width
         steps = d.steps if steps is None else steps
         scale = d.guidance if guidance_scale is None else guidance_scale
-        tau, rho = d.tau if tau is None else tau, d.rho if rho is None else rho
+        rho = d.rho if rho is None else rho
         negative = spec.negative_prompt if negative_prompt is None else negative_prompt
         if not prompt or not prompt.strip():
             raise DDiTError("the prompt is empty: pass --prompt with some text")
@@ -129,6 +129,7 @@ class WanRuntime:
         spec.check_resolution(height, width, self.sizes)
         if steps < 1:
             raise DDiTError(f"--steps must be at least 1, got {steps}")
+        tau, tau_source = tau_and_source(d, tau, height, width, frames, steps, self.sizes, rho)
         if cfg not in CFG_MODES:
             raise DDiTError(f"unknown --cfg '{cfg}': choose {' or '.join(CFG_MODES)}")
         if schedule is not None and len(schedule) != steps:
@@ -158,6 +159,7 @@ class WanRuntime:
             width=width,
             guidance_scale=scale,
             tau=tau,
+            tau_source=tau_source,
             rho=rho,
             cfg=cfg,
             schedule_mode="auto" if schedule is None else "fixed",

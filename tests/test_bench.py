@@ -534,3 +534,82 @@ def test_scheduler_cold_script_times_every_variant(tiny_engines, capsys):
         "one 4p engine call",
     ]
     assert all(float(row.split(" | ")[1].rstrip(" |")) > 0 for row in rows)
+
+
+def test_save_tau_records_the_largest_tau_that_met_the_bar_and_ddit_run_takes_it_there(tiny_engines, tmp_path):
+    """--save-tau on a copy of the engines: tau 1e-9 never goes coarse (the baseline's images, SSIM 1) and 1e9
+    always does after warm-up, so with --min-ssim 0.999 only 1e-9 meets the bar. ddit-run then takes it at the
+    bench's shape (6 steps) and the profile's tau at any other; a bar no tau meets changes nothing."""
+    import shutil
+
+    from ddit_cli import run_main
+    from ddit_runtime.manifest import load_manifest
+
+    engines = tmp_path / "engines"
+    shutil.copytree(tiny_engines, engines)
+    args = [str(engines), "--count", "1", "--steps", "6", "--taus", "1e-9,1e9", "--teacache-thresholds", "1e9"]
+    result = CliRunner().invoke(bench_main, [*args, "--save-tau", "--min-ssim", "0.999", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"--save-tau: tau 1e-09: [\d.]+x, meets the bar", result.output)
+    assert re.search(r"--save-tau: tau 1e\+09: [\d.]+x, SSIM 0\.\d+ < 0\.999", result.output)
+    assert "recorded tau 1e-09 for 256x256, 6 steps, sizes 1,2,4, rho 0.7" in result.output
+    (entry,) = load_manifest(engines).spec.scheduler.calibrated  # sha256 of every file still checks
+    assert (entry.tau, entry.steps, entry.frames, entry.sizes) == (1e-9, 6, None, (1, 2, 4))
+    assert "SSIM 1.000" in entry.evidence and "over 1 runs" in entry.evidence
+
+    prompt = ["--prompt", "a red circle on a black background", "--json", "-o"]
+    at = CliRunner().invoke(run_main, [str(engines), *prompt, str(tmp_path / "a.png"), "--steps", "6"])
+    data = json.loads(at.output.strip().splitlines()[-1])
+    assert (data["tau"], data["tau_source"]) == (1e-9, f"calibrated: {entry.shape()}")
+    assert data["schedule"] == [1] * 6
+    off = CliRunner().invoke(run_main, [str(engines), *prompt, str(tmp_path / "b.png"), "--steps", "7"])
+    data = json.loads(off.output.strip().splitlines()[-1])
+    assert (data["tau"], data["tau_source"]) == (get_profile("flux-tiny").scheduler.tau, "profile")
+    said = CliRunner().invoke(run_main, [str(engines), "--prompt", "a red circle", "-o", str(tmp_path / "c.png")])
+    assert "tau 0.002 (the profile's; calibrated only for 256x256, 6 steps, sizes 1,2,4, rho 0.7)" in said.output
+
+    before = (engines / "manifest.json").read_bytes()
+    args = [str(engines), "--count", "1", "--steps", "6", "--taus", "1e9", "--teacache-thresholds", "1e9"]
+    result = CliRunner().invoke(bench_main, [*args, "--save-tau", "--min-ssim", "0.999", "--quiet"])
+    assert result.exit_code == 2 and "no tau of 1e+09 met the bar, so the manifest is unchanged" in result.output
+    assert "Traceback" not in result.output and (engines / "manifest.json").read_bytes() == before
+    assert not list(engines.glob(".manifest.json.partial*"))
+
+
+def test_bench_defaults_to_the_tau_calibrated_at_its_shape():
+    import dataclasses
+
+    from ddit_profiles import CalibratedTau
+
+    spec = get_profile("flux-tiny")
+    entry = CalibratedTau(256, 256, None, 6, (1, 2), spec.scheduler.rho, 0.05)
+
+    class Runtime:
+        sizes = (1, 2)
+
+    Runtime.spec = dataclasses.replace(spec, scheduler=spec.scheduler.with_calibrated(entry))
+    assert Bench(Runtime(), [], seeds=1, steps=6, progress=False).default_tau() == 0.05
+    assert Bench(Runtime(), [], seeds=1, steps=8, progress=False).default_tau() == spec.scheduler.tau
+
+
+def test_choose_tau_keeps_the_largest_tau_that_met_the_bar():
+    from ddit_export.bench import DEFAULT_MIN_SSIM, choose_tau
+
+    def row(tau, speedup, ssim, delta):
+        return dict(kind="ddit", options=dict(tau=tau), speedup=speedup, ssim=ssim, score_delta=delta)
+
+    rows = [row(0.02, 2.0, 0.95, -0.01), row(0.05, 1.9, 0.88, -0.02), row(0.1, 3.0, 0.80, -0.2)]
+    report = dict(methods=[dict(kind="baseline", options={}, speedup=1.0, ssim=1.0, score_delta=0.0), *rows])
+    chosen, lines = choose_tau(report)  # scored: the score bar only; 0.05 is larger than 0.02, if timed slower
+    assert chosen["options"]["tau"] == 0.05
+    assert lines == [
+        "tau 0.02: 2.00x, meets the bar",
+        "tau 0.05: 1.90x, meets the bar",
+        "tau 0.1: 3.00x, score -0.200 < -0.03",
+    ]
+    assert choose_tau(report, min_ssim=0.9)[0]["options"]["tau"] == 0.02  # given: both bars
+    assert choose_tau(report, max_score_drop=0.005)[0] is None
+    unscored = dict(methods=[dict(r, score_delta=None) for r in rows])  # --prompts: SSIM, 0.9 by default
+    chosen, lines = choose_tau(unscored)
+    assert DEFAULT_MIN_SSIM == 0.9 and chosen["options"]["tau"] == 0.02
+    assert lines[1] == "tau 0.05: 1.90x, SSIM 0.880 < 0.9"

@@ -269,3 +269,49 @@ def test_parse_schedule_forms():
 def test_parse_schedule_errors(text, message):
     with pytest.raises(DDiTError, match=message):
         parse_schedule(text, 20, FACTORS)
+
+
+def test_a_calibrated_tau_applies_only_where_its_whole_shape_matches():
+    """``ddit-bench --save-tau`` records a tau for one shape: height, width, frames, steps, the sizes loaded and rho.
+    A generation takes it only where all of them match; elsewhere the profile's tau, and the source says which."""
+    from ddit_profiles import CalibratedTau, SchedulerDefaults
+    from ddit_runtime.scheduler import tau_and_source
+
+    at_512 = CalibratedTau(512, 512, None, 20, (2, 1), 0.7, 0.05, "2.44x")
+    defaults = SchedulerDefaults(tau=0.002, rho=0.7).with_calibrated(at_512)
+    assert at_512.sizes == (1, 2) and at_512.shape() == "512x512, 20 steps, sizes 1,2, rho 0.7"
+    assert defaults.tau_for(512, 512, None, 20, [2, 1], 0.7) == (0.05, at_512)
+    for other in [(256, 512, None, 20, [1, 2], 0.7), (512, 512, 5, 20, [1, 2], 0.7), (512, 512, None, 10, [1, 2], 0.7)]:
+        assert defaults.tau_for(*other) == (0.002, None)
+    assert defaults.tau_for(512, 512, None, 20, [1, 2, 4], 0.7) == (0.002, None)  # 4p loaded: DDiT may pick it
+    assert defaults.tau_for(512, 512, None, 20, [1, 2], 0.4) == (0.002, None)  # tau is a bar on rho's quantile
+    assert tau_and_source(defaults, None, 512, 512, None, 20, (1, 2), 0.7) == (0.05, f"calibrated: {at_512.shape()}")
+    assert tau_and_source(defaults, None, 256, 256, None, 20, (1, 2), 0.7) == (0.002, "profile")
+    assert tau_and_source(defaults, 0.01, 512, 512, None, 20, (1, 2), 0.7) == (0.01, "given")
+    # A second calibration of the same shape replaces the first; one of another shape is kept beside it.
+    again = defaults.with_calibrated(CalibratedTau(512, 512, None, 20, (1, 2), 0.7, 0.02))
+    assert [e.tau for e in again.calibrated] == [0.02]
+    video = CalibratedTau(256, 256, 9, 20, (1, 2, 4), 0.4, 0.006)
+    assert [e.tau for e in again.with_calibrated(video).calibrated] == [0.02, 0.006]
+    assert video.shape() == "9 frames of 256x256, 20 steps, sizes 1,2,4, rho 0.4"
+
+
+def test_calibrated_taus_survive_the_manifests_json_and_a_bad_one_is_one_line():
+    import dataclasses
+    import json
+
+    from ddit_profiles import CalibratedTau, get_profile, spec_from_dict
+
+    for name, frames in (("flux-tiny", None), ("wan-tiny", 9)):
+        spec = get_profile(name)
+        entry = CalibratedTau(256, 256, frames, 20, (1, 2, 4), spec.scheduler.rho, 0.004, "1.26x")
+        spec = dataclasses.replace(spec, scheduler=spec.scheduler.with_calibrated(entry))
+        back = spec_from_dict(json.loads(json.dumps(spec.to_dict())))
+        assert back.scheduler.calibrated == (entry,) and back.scheduler == spec.scheduler
+        old = spec.to_dict()
+        del old["scheduler"]["calibrated"]  # a manifest written before --save-tau
+        assert spec_from_dict(old).scheduler.calibrated == ()
+        bad = spec.to_dict()
+        bad["scheduler"]["calibrated"] = [{"height": 256, "tau": 0.1}]
+        with pytest.raises(DDiTError, match="profile block is malformed"):
+            spec_from_dict(bad)

@@ -171,3 +171,24 @@ def test_flux_only_options_are_refused_for_wan_and_back(tiny_engines, tmp_path):
         run_main, [str(tiny_engines), "--prompt", "a red circle", "--frames", "9", "-o", str(tmp_path / "x.png")]
     )
     assert result.exit_code == 2 and "applies to Wan engines" in result.stderr
+
+
+def test_a_tau_calibrated_for_a_shape_is_used_there(wan_engines, tmp_path):
+    """A tau recorded in the manifest (as ddit-bench --save-tau does) for 5 frames at 6 steps: taken there, and
+    the profile's at 7 steps."""
+    import shutil
+
+    from ddit_export.manifest import save_calibrated_tau
+    from ddit_profiles import CalibratedTau
+
+    engines = tmp_path / "engines"
+    shutil.copytree(wan_engines, engines)
+    spec = WanRuntime(engines, provider="cpu").spec
+    h, w = spec.opt_size
+    save_calibrated_tau(engines, CalibratedTau(h, w, 5, 6, (1, 2, 4), spec.scheduler.rho, 1e9, "test"))
+    calibrated = WanRuntime(engines, provider="cpu")
+    at = calibrated.generate(PROMPT, frames=5, steps=6, progress=False)
+    assert at.schedule == [1, 1, 1, 4, 4, 4] and at.settings["tau"] == 1e9
+    assert at.settings["tau_source"].startswith("calibrated: 5 frames of")
+    off = calibrated.generate(PROMPT, frames=5, steps=7, progress=False)
+    assert (off.settings["tau"], off.settings["tau_source"]) == (spec.scheduler.tau, "profile")
