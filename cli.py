@@ -734,7 +734,7 @@ def bench_main(
 
 
 def _save_tau(engines: str, report: dict, min_ssim: float, max_score_drop: float) -> None:
-    """ddit-bench --save-tau: each tau's verdict, then the fastest that met the bar into the manifest."""
+    """ddit-bench --save-tau: each tau's verdict, then the largest tau that met the bar into the manifest."""
     from ddit_export.bench import calibrated_tau, choose_tau
     from ddit_export.manifest import save_calibrated_tau
 
