@@ -629,7 +629,7 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
     "--save-tau",
     is_flag=True,
     help="After the run, record in ENGINES_DIR's manifest the largest (so fastest) of --taus whose quality met the "
-    "bar (--max-score-drop on the built-in prompts, else --min-ssim) for this shape: height, width, frames, steps, "
+    "bar (--min-ssim, and --max-score-drop on the built-in prompts) for this shape: height, width, frames, steps, "
     "--sizes and rho. ddit-run and ddit-bench then use it there when --tau / --taus is not given; elsewhere the "
     "profile's tau stays. Nothing is written when no tau met it.",
 )
@@ -643,9 +643,9 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
 @click.option(
     "--min-ssim",
     type=click.FloatRange(-1.0, 1.0),
-    default=None,
-    help="--save-tau's bar: the least mean SSIM against the baseline's images. Default 0.9 with --prompts (no "
-    "evaluator scores); with the built-in prompts, none unless given (then both bars apply).",
+    default=0.85,
+    show_default=True,
+    help="--save-tau's bar: the least mean SSIM against the baseline's images (the only measure with --prompts).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_one_line_errors

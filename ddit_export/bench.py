@@ -238,8 +238,8 @@ def bare_outputs(spec, engine, k: int, feeds: dict, height: int, width: int) -> 
     return outputs
 
 
-#: ``ddit-bench --save-tau``'s bar without the evaluator's scores: the least mean SSIM against the baseline's images
-DEFAULT_MIN_SSIM = 0.9
+#: ``ddit-bench --save-tau``'s floor on the mean SSIM against the baseline's images (see ``choose_tau``)
+DEFAULT_MIN_SSIM = 0.85
 BARE_CALLS = 16  # bare engine calls per size in a ddit-bench run, spread over its prompts and seeds
 
 
@@ -654,27 +654,26 @@ class Bench:
 
 
 def choose_tau(
-    report: dict, max_score_drop: float = 0.03, min_ssim: float | None = None
+    report: dict, max_score_drop: float = 0.03, min_ssim: float = DEFAULT_MIN_SSIM
 ) -> tuple[dict | None, list[str]]:
     """What ``ddit-bench --save-tau`` keeps: of the DDiT rows (one per tau), the largest tau whose quality met the
     bar, and one line per tau saying how it fared. Returns (None, lines) when no tau met it.
 
-    The bar: where the evaluator scored the runs (the built-in prompts), a score at most ``max_score_drop`` below
-    the baseline's; a ``min_ssim`` given adds a least mean SSIM against the baseline's images. Without scores (the
-    user's own prompts) SSIM is the only measure there is, and ``min_ssim`` defaults to ``DEFAULT_MIN_SSIM``.
-    SSIM alone is a strict proxy: on the tiny FLUX fine-tuned at 512, fixed 2p lost 0.003 of the score at SSIM 0.876.
+    The bar: a mean SSIM against the baseline's images of at least ``min_ssim`` and, where the evaluator scored
+    the runs (the built-in prompts), a score at most ``max_score_drop`` below the baseline's. The score alone is too
+    weak a guard where the evaluator is: on the tiny Wan at 8 steps, every step after the warm-up at 4p (tau 1e9)
+    moved the score by less than 0.03 over two captions at SSIM 0.56. The SSIM floor alone is a strict proxy: on
+    the tiny FLUX fine-tuned at 512, DDiT over 1p and 2p kept the score (-0.013, s.e. 0.018) at SSIM 0.90.
 
     The largest tau, not the one timed fastest: given the same latents a larger tau picks the same size or a coarser
     one, so it is the faster in expectation, while the measured speedups of taus a few percent apart swap with the
     machine's noise (four prompts on the tiny FLUX timed tau 0.002 at 1.19x and 0.004 at 1.26x, at 19% and 20%
     of the steps coarse)."""
     rows = [r for r in report["methods"] if r["kind"] == "ddit"]
-    scored = bool(rows) and all(r["score_delta"] is not None for r in rows)
-    min_ssim = DEFAULT_MIN_SSIM if min_ssim is None and not scored else min_ssim
     passed, lines = [], []
     for r in rows:
         misses = []
-        if min_ssim is not None and not r["ssim"] >= min_ssim:
+        if not r["ssim"] >= min_ssim:
             misses.append(f"SSIM {r['ssim']:.3f} < {min_ssim:g}")
         if r["score_delta"] is not None and not r["score_delta"] >= -max_score_drop:
             misses.append(f"score {r['score_delta']:+.3f} < -{max_score_drop:g}")

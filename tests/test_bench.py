@@ -598,18 +598,23 @@ def test_choose_tau_keeps_the_largest_tau_that_met_the_bar():
     def row(tau, speedup, ssim, delta):
         return dict(kind="ddit", options=dict(tau=tau), speedup=speedup, ssim=ssim, score_delta=delta)
 
-    rows = [row(0.02, 2.0, 0.95, -0.01), row(0.05, 1.9, 0.88, -0.02), row(0.1, 3.0, 0.80, -0.2)]
+    rows = [
+        row(0.02, 2.0, 0.95, -0.01),
+        row(0.05, 1.9, 0.88, -0.02),
+        row(0.1, 3.0, 0.80, -0.01),
+        row(1, 4.0, 0.9, -0.2),
+    ]
     report = dict(methods=[dict(kind="baseline", options={}, speedup=1.0, ssim=1.0, score_delta=0.0), *rows])
-    chosen, lines = choose_tau(report)  # scored: the score bar only; 0.05 is larger than 0.02, if timed slower
-    assert chosen["options"]["tau"] == 0.05
+    chosen, lines = choose_tau(report)  # 0.05 is larger than 0.02, if timed slower; 0.1 and 1 each miss one bar
+    assert DEFAULT_MIN_SSIM == 0.85 and chosen["options"]["tau"] == 0.05
     assert lines == [
         "tau 0.02: 2.00x, meets the bar",
         "tau 0.05: 1.90x, meets the bar",
-        "tau 0.1: 3.00x, score -0.200 < -0.03",
+        "tau 0.1: 3.00x, SSIM 0.800 < 0.85",
+        "tau 1: 4.00x, score -0.200 < -0.03",
     ]
-    assert choose_tau(report, min_ssim=0.9)[0]["options"]["tau"] == 0.02  # given: both bars
+    assert choose_tau(report, min_ssim=0.9)[0]["options"]["tau"] == 0.02
+    assert choose_tau(report, min_ssim=0.0)[0]["options"]["tau"] == 0.1
     assert choose_tau(report, max_score_drop=0.005)[0] is None
-    unscored = dict(methods=[dict(r, score_delta=None) for r in rows])  # --prompts: SSIM, 0.9 by default
-    chosen, lines = choose_tau(unscored)
-    assert DEFAULT_MIN_SSIM == 0.9 and chosen["options"]["tau"] == 0.02
-    assert lines[1] == "tau 0.05: 1.90x, SSIM 0.880 < 0.9"
+    unscored = dict(methods=[dict(r, score_delta=None) for r in rows])  # --prompts: SSIM only
+    assert choose_tau(unscored)[0]["options"]["tau"] == 1
