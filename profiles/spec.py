@@ -64,7 +64,7 @@ class Tolerance:
 
 @dataclass(frozen=True)
 class CalibratedTau:
-    """A tau that ``ddit-bench --save-tau`` chose for one engines folder at one generation shape: the fastest of the
+    """A tau that ``ddit-bench --save-tau`` chose for one engines folder at one generation shape: the largest of the
     taus it ran whose quality met its bar there.
 
     The statistic's scale moves with the shape (FLUX's sigma shift grows with the token count, and a third
