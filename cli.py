@@ -184,7 +184,8 @@ def _backend_options(fn):
     type=float,
     default=None,
     help="Scheduler threshold: the largest patch whose rho-quantile of per-patch std of the third "
-    "difference is below tau is chosen. Larger is faster, smaller is finer (default: manifest's).",
+    "difference is below tau is chosen. Larger is faster, smaller is finer (default: the tau ddit-bench --save-tau "
+    "recorded for this shape, steps, --sizes and rho, else the manifest's).",
 )
 @click.option(
     "--rho",
@@ -603,7 +604,12 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
 )
 @click.option("--width", type=int, default=None, help="Width in pixels (default: the profile's opt size).")
 @click.option("--frames", type=int, default=None, help="Wan: video frames, 4n+1 (default: the profile's).")
-@click.option("--taus", default=None, help="DDiT tau presets, comma-separated (default: tau/2, tau, 2 tau).")
+@click.option(
+    "--taus",
+    default=None,
+    help="DDiT tau presets, comma-separated (default: tau/2, tau, 2 tau, where tau is the one --save-tau recorded "
+    "for this shape, else the manifest's).",
+)
 @click.option(
     "--sizes",
     default=None,

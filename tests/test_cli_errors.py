@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from ddit_cli import export_main, run_main
+from ddit_cli import bench_main, export_main, run_main
 
 PROMPT = "a red circle on a black background"
 
@@ -393,8 +393,12 @@ def test_export_adapters_without_a_requested_size(tmp_path, tiny_spec, tiny_part
                 "--json",
             ],
         ),
+        (
+            bench_main,
+            ["ENGINES_DIR", "--count", "--seeds", "--taus", "--sizes", "--json", "--plot", "--save-tau", "--min-ssim"],
+        ),
     ],
-    ids=["ddit-export", "ddit-run"],
+    ids=["ddit-export", "ddit-run", "ddit-bench"],
 )
 def test_help(command, options):
     for flag in ("--help", "-h"):
