@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ddit_profiles import DDiTError
+from ddit_profiles import CalibratedTau, DDiTError
 from ddit_runtime.outputs import check_writable, discard
 
 from .evaluator import evaluate, evaluate_frames, frame_scores
@@ -684,10 +684,8 @@ def choose_tau(
     return max(passed, key=lambda r: r["options"]["tau"], default=None), lines
 
 
-def calibrated_tau(report: dict, row: dict):
+def calibrated_tau(report: dict, row: dict) -> CalibratedTau:
     """The manifest entry for ``row`` (a DDiT row of ``report``): the bench's shape, and what it measured there."""
-    from ddit_profiles import CalibratedTau
-
     runs = len(row["schedules"])
     quality = f"SSIM {row['ssim']:.3f}"
     if row["score_delta"] is not None:
