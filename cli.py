@@ -213,14 +213,15 @@ def _backend_options(fn):
     help="Also skip the transformer blocks on steps where TeaCache's rescaled signal change, accumulated, stays "
     "under this threshold (faster as it grows; FLUX 0.25 / 0.4 / 0.6, Wan 0.05 / 0.065 / 0.08, the tiny Wan at its "
     "20 steps 0.15 / 0.25 / 0.4; one accumulator "
-    "per guidance pass). Composes with the patch schedule.",
+    "per guidance pass; with polynomials ddit-bench --fit-teacache fitted for this shape, the thresholds it "
+    "printed, e.g. 0.1-0.2). Composes with the patch schedule.",
 )
 @click.option(
     "--teacache-coefficients",
     default=None,
-    help="TeaCache's rescaling polynomial, highest power first, comma-separated, in place of the manifest's "
-    "(FLUX.1-dev's or Wan 2.1 1.3B's published one): e.g. a fit by benchmarks/teacache_fit.py for a fine-tuned "
-    "model. Needs --teacache.",
+    help="TeaCache's rescaling polynomial for every patch size, highest power first, comma-separated, in place of "
+    "the manifest's (FLUX.1-dev's or Wan 2.1 1.3B's published one, or the per-size ones ddit-bench --fit-teacache "
+    "recorded for this shape). Needs --teacache.",
 )
 @click.option(
     "--teacache-switch",
@@ -374,9 +375,19 @@ def _report(runtime, result, path, as_json: bool) -> None:
             f"wrote {path} ({s['height']}x{s['width']}, {s['steps']} steps, {result.total_s:.2f} s); "
             f"schedule {''.join(map(str, result.schedule))}, {coarse:.0%} of steps coarse"
             + (f", {sum(result.computed)}/{len(result.computed)} steps computed" if not all(result.computed) else "")
-            + (f"; {_tau_note(runtime, s)}" if s["schedule_mode"] == "auto" else ""),
+            + (f"; {_tau_note(runtime, s)}" if s["schedule_mode"] == "auto" else "")
+            + (f"; {_teacache_note(s)}" if s.get("teacache") else ""),
             err=True,
         )
+
+
+def _teacache_note(settings: dict) -> str:
+    """'TeaCache 0.15 with the polynomials fitted for this shape by ddit-bench --fit-teacache', or whose."""
+    source = settings.get("teacache_coefficients_source", "manifest")
+    whose = {"given": "--teacache-coefficients", "manifest": "the manifest's polynomial"}.get(
+        source, "the polynomials fitted for this shape by ddit-bench --fit-teacache"
+    )
+    return f"TeaCache {settings['teacache']:g} with {whose}"
 
 
 def _tau_note(runtime, settings: dict) -> str:
@@ -619,14 +630,14 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
 @click.option(
     "--teacache-thresholds",
     default=None,
-    help="TeaCache thresholds, comma-separated (default: the profile's presets: FLUX 0.25,0.4,0.6; Wan "
-    "0.05,0.065,0.08; the tiny Wan 0.15,0.25,0.4).",
+    help="TeaCache thresholds, comma-separated (default: those of the polynomials --fit-teacache fitted for this "
+    "shape, else the profile's presets: FLUX 0.25,0.4,0.6; Wan 0.05,0.065,0.08; the tiny Wan 0.15,0.25,0.4).",
 )
 @click.option(
     "--teacache-coefficients",
     default=None,
-    help="TeaCache's rescaling polynomial for every TeaCache method, highest power first, comma-separated, in place "
-    "of the manifest's (e.g. a fit by benchmarks/teacache_fit.py).",
+    help="TeaCache's rescaling polynomial for every TeaCache method and patch size, highest power first, "
+    "comma-separated, in place of the manifest's (and of a --fit-teacache fit).",
 )
 @_backend_options
 @click.option("--json", "json_out", default=None, help="Write the full report (every run) as JSON here.")
@@ -653,6 +664,22 @@ def _float_list(text: str | None, option: str) -> list[float] | None:
     show_default=True,
     help="--save-tau's bar: the least mean SSIM against the baseline's images (the only measure with --prompts).",
 )
+@click.option(
+    "--fit-teacache",
+    is_flag=True,
+    help="Before the run, fit TeaCache's rescaling polynomial for each loaded patch size at this shape (height, "
+    "width, frames, steps), on --fit-prompts generations per size, record the fit in ENGINES_DIR's manifest, and "
+    "bench with it; its own thresholds become the default --teacache-thresholds. ddit-run and ddit-bench then use "
+    "it at that shape unless --teacache-coefficients is given.",
+)
+@click.option(
+    "--fit-prompts",
+    type=int,
+    default=16,
+    show_default=True,
+    help="--fit-teacache: generations per size to fit on (built-in captions disjoint from the benchmark's; with "
+    "--prompts, the file's first ones).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_one_line_errors
 def bench_main(
@@ -675,6 +702,8 @@ def bench_main(
     save_tau,
     max_score_drop,
     min_ssim,
+    fit_teacache,
+    fit_prompts,
     quiet,
 ):
     """Measure every schedule on ENGINES_DIR side by side, in one process, on the same prompts and seeds.
@@ -697,6 +726,7 @@ def bench_main(
       ddit-bench engines/ --count 16 --json bench.json --plot bench.png
       ddit-bench engines/ --prompts my_prompts.txt --height 768 --width 1360 --json bench.json
       ddit-bench engines/ --sizes 1,2 --height 512 --width 512 --taus 0.02,0.05 --save-tau
+      ddit-bench engines/ --sizes 1,2 --height 512 --width 512 --fit-teacache
     """
     from ddit_export.bench import check_plot_path, markdown, plot, run_bench, write_json
     from ddit_runtime.outputs import check_folder_writable, check_writable
@@ -705,8 +735,9 @@ def bench_main(
         check_writable(json_out, "--json")
     if plot_out:
         check_plot_path(plot_out)
-    if save_tau and Path(engines).is_dir():  # a missing folder gets run_bench's own error
-        check_folder_writable(Path(engines), "--save-tau into", Path(engines))
+    for flag, on in (("--save-tau", save_tau), ("--fit-teacache", fit_teacache)):
+        if on and Path(engines).is_dir():  # a missing folder gets run_bench's own error
+            check_folder_writable(Path(engines), f"{flag} into", Path(engines))
     report = run_bench(
         engines,
         prompts_file,
@@ -723,6 +754,7 @@ def bench_main(
         width=width,
         frames=frames,
         sizes=None if sizes is None else _parse_sizes(sizes),
+        fit_teacache=fit_prompts if fit_teacache else None,
     )
     click.echo(markdown(report))
     if json_out:

@@ -1,6 +1,7 @@
 """Fit TeaCache's rescaling polynomial for a FLUX engines folder, as the TeaCache authors fit FLUX.1-dev's.
 
-    python benchmarks/teacache_fit.py ENGINES_DIR [--prompts 16] [--steps N] [--degree 4] [--json OUT]
+    python benchmarks/teacache_fit.py ENGINES_DIR [--prompts 16] [--steps N] [--degree 4] [--height H --width W]
+        [--size K] [--json OUT]
 
 For captions disjoint from ``ddit-bench``'s it runs the runtime's own native generation (``generate`` with
 TeaCache at threshold 0: the probe runs every step and so do the blocks), with the profile's guidance: under true
@@ -10,7 +11,10 @@ of the model output (the pass's velocity, before guidance). A least-squares poly
 second; the coefficients (highest power first) go to ``ddit-run`` / ``ddit-bench --teacache-coefficients``, or
 into the profile's ``TeaCacheSpec``. It prints the fit and how well the published FLUX.1-dev polynomial predicts
 the same data, and what each polynomial sums to over a generation (the threshold scale: a threshold of about
-sum / n computes about every n-th step).
+sum / n computes about every n-th step). ``ddit-bench --fit-teacache`` fits one per loaded size and records them
+in the engines folder; this script prints more about one size's fit. ``--height``/``--width`` fit at another resolution than the profile's, and
+``--size K`` on the trajectory of patch size K on every step (its probe's signal, its velocity): the size DDiT runs
+most steps at, e.g. 2 for a model that DDiT runs at 2p after its warm-up.
 """
 
 from __future__ import annotations
@@ -20,45 +24,11 @@ import json
 import sys
 
 import numpy as np
-import torch
 
-from ddit_export.bench import HELD_OUT_SEED, example, writable_json
+from ddit_export.bench import FIT_OFFSET, HELD_OUT_SEED, example, writable_json
+from ddit_export.teacache_fit import r_squared, trajectories
 from ddit_profiles import TeaCacheSpec
 from ddit_runtime.pipeline import FluxRuntime
-from ddit_runtime.teacache import relative_l1
-
-FIT_OFFSET = 50_000  # fit captions: HELD_OUT_SEED + 50 000 + i, not the benchmark's
-
-
-def trajectories(runtime: FluxRuntime, prompts: int, steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(signal change, output change, step index) per pass and pair of consecutive steps, over ``prompts``
-    native generations of the runtime's own loop."""
-    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-    original = runtime._call
-
-    def recording(factor, step, feeds, velocity, buf, caches):
-        ran = original(factor, step, feeds, velocity, buf, caches)
-        calls.append((buf["modulated"].clone(), velocity.clone()))  # [passes in the call, ...] each
-        return ran
-
-    runtime._call = recording
-    xs, ys, at = [], [], []
-    try:
-        for i in range(prompts):
-            calls.clear()
-            text = example(runtime.spec.family, HELD_OUT_SEED + FIT_OFFSET + i).text
-            runtime.generate(text, steps=steps, seed=i, schedule=[1] * steps, teacache=0.0, progress=False)
-            per_step = len(calls) // steps  # 1 (batched or unguided) or 2 (two-pass CFG)
-            for j in range(1, steps):
-                for c in range(per_step):
-                    (m0, v0), (m1, v1) = calls[(j - 1) * per_step + c], calls[j * per_step + c]
-                    for p in range(m1.shape[0]):
-                        xs.append(relative_l1(m1[p], m0[p]).item())
-                        ys.append(relative_l1(v1[p], v0[p]).item())
-                        at.append(j)
-    finally:
-        runtime._call = original
-    return np.array(xs), np.array(ys), np.array(at)
 
 
 def main(argv=None) -> int:
@@ -67,20 +37,33 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--degree", type=int, default=4)
+    ap.add_argument("--height", type=int, default=None, help="image height (default: the profile's)")
+    ap.add_argument("--width", type=int, default=None, help="image width (default: the profile's)")
+    ap.add_argument("--size", type=int, default=1, help="the patch size run on every step (default 1, native)")
     ap.add_argument("--json", type=writable_json, default=None)
     args = ap.parse_args(argv)
-    runtime = FluxRuntime(args.engines, provider="cpu", sizes=[1])
+    runtime = FluxRuntime(args.engines, provider="cpu", sizes=[args.size])
     steps = args.steps or runtime.spec.scheduler.steps
-    x, y, at = trajectories(runtime, args.prompts, steps)
+    height = args.height or runtime.spec.opt_size[0]
+    width = args.width or runtime.spec.opt_size[1]
+    texts = [example(runtime.spec.family, HELD_OUT_SEED + FIT_OFFSET + i).text for i in range(args.prompts)]
+
+    def generate(text, seed, schedule):
+        runtime.generate(text, height, width, steps=steps, seed=seed, schedule=schedule, teacache=0.0, progress=False)
+
+    x, y, at = trajectories(generate, runtime, texts, steps, args.size)
     fit = np.polyfit(x, y, args.degree)
     fitted, published = np.poly1d(fit), np.poly1d(TeaCacheSpec().coefficients)
     shipped = np.poly1d(runtime.spec.teacache.coefficients)
 
     def r2(pred):
-        return 1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+        return r_squared(y, pred)
 
     passes = len(x) // (args.prompts * (steps - 1))
-    print(f"{len(x)} step pairs from {args.prompts} prompts x {steps} steps x {passes} pass(es)")
+    print(
+        f"{len(x)} step pairs from {args.prompts} prompts x {steps} steps x {passes} pass(es), "
+        f"{height}x{width}, {args.size}p on every step"
+    )
     print(f"signal change: median {np.median(x):.4f}, range {x.min():.4f}..{x.max():.4f}")
     print(f"output change: median {np.median(y):.4f}, range {y.min():.4f}..{y.max():.4f}")
     print(f"fitted coefficients (highest power first): {[float(f'{c:.8e}') for c in fit]}")
@@ -88,7 +71,12 @@ def main(argv=None) -> int:
     grid = fitted(np.linspace(x.min(), x.max(), 64))
     if grid.min() < 0 or (np.diff(grid) < 0).any():  # a negative or falling rescale would undo accumulated change
         print(
-            f"warning: the degree-{args.degree} fit is negative or decreasing inside the data's range; try --degree 2"
+            f"warning: the degree-{args.degree} fit is negative or decreasing inside the data's range"
+            + (
+                "; try --degree 2"
+                if args.degree > 2
+                else ": its low end rescales a small change to more than a larger one"
+            )
         )
     interior = at < steps - 1  # the steps TeaCache may skip (at starts at 1): not the first or the last
     for name, poly in (("measured output change", None), ("fitted", fitted), ("published", published)):

@@ -19,20 +19,24 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ddit_profiles import CalibratedTau, DDiTError
+from ddit_profiles import CalibratedTau, DDiTError, FittedTeaCache
 from ddit_runtime.outputs import check_writable, discard
+from ddit_runtime.teacache import polynomials
 
 from .evaluator import evaluate, evaluate_frames, frame_scores
+from .manifest import save_fitted_teacache
 from .quality import psnr, ssim
 from .shapes import sample_clip, scene_from_seed
+from .teacache_fit import DEFAULT_DEGREE, fit_teacache
 
 HELD_OUT_SEED = 900_000_000  # the recipes train on seeds below 10^8
+FIT_OFFSET = 50_000  # --fit-teacache's captions: HELD_OUT_SEED + 50 000 + i, not the benchmark's
 
 
 @dataclass
@@ -412,10 +416,43 @@ class Bench:
         steps, sizes = self.steps, self.runtime.sizes
         return scheduler.tau_for(self.height, self.width, self.frames, steps, sizes, scheduler.rho)[0]
 
+    def teacache_polynomials(self):
+        """(the default polynomial, {size: its own} or None, source) every TeaCache method of this bench runs with:
+        ``--teacache-coefficients``, else those ``--fit-teacache`` fitted at the bench's shape, else the manifest's."""
+        return polynomials(
+            self.spec.teacache, self.teacache_coefficients, self.height, self.width, self.frames, self.steps
+        )
+
+    def default_thresholds(self) -> list[float]:
+        """The TeaCache thresholds swept when none are given: a fit's own (its polynomials predict the output's
+        change, on another scale than the published ones') where the bench uses one, else the profile's."""
+        fitted = self.spec.teacache.fitted_for(self.height, self.width, self.frames, self.steps)
+        if self.teacache_coefficients is None and fitted is not None and fitted.presets:
+            return list(fitted.presets)
+        return list(self.spec.teacache.presets)
+
+    def fit_teacache(self, prompts: list[str], degree: int = DEFAULT_DEGREE) -> tuple[FittedTeaCache, list[str]]:
+        """Fit TeaCache's polynomial per loaded size at the bench's shape on ``prompts`` (see ``teacache_fit``), and
+        use the fit from here on (the manifest is the caller's to update)."""
+        if self.teacache_coefficients is not None:
+            raise DDiTError(
+                "--fit-teacache fits the polynomials --teacache-coefficients would replace: give one of them"
+            )
+
+        def generate(text: str, seed: int, schedule: list[int]) -> None:
+            self._generate(Prompt(text), seed, dict(schedule=schedule, teacache=0.0))
+
+        entry, lines = fit_teacache(
+            self.runtime, generate, prompts, self.height, self.width, self.frames, self.steps, degree, self.progress
+        )
+        self.spec = replace(self.spec, teacache=self.spec.teacache.with_fitted(entry))
+        self.runtime.spec = self.spec
+        return entry, lines
+
     def run(self, taus: list[float] | None = None, thresholds: list[float] | None = None) -> dict:
         tau = self.default_tau()
         taus = taus or [tau / 2, tau, tau * 2]
-        thresholds = thresholds or list(self.spec.teacache.presets)
+        thresholds = thresholds or self.default_thresholds()
         self._generate(self.prompts[0], 0, dict(schedule=[1] * self.steps))  # warm the sessions up
         # The bare calls run beside the generations, a share after each prompt and seed, as in per_size.py: timed
         # after all of them, in a phase of their own, they once read 78% of the runtime's ratio on the tiny FLUX
@@ -529,6 +566,7 @@ class Bench:
         # its in-graph patchify, the Euler update) plus the scheduler's measured per-step cost, which every DDiT
         # step adds. DDiT's own steps at each size (noisier: fewer samples) are reported beside it as a check.
         overhead = self.scheduler_overhead_ms()
+        poly, fitted, source = self.teacache_polynomials()
         if not self.bare_samples and self.interrupted is None:  # no bare calls yet (a Bench driven by hand)
             self.bare_engine_ms()
         bare = {k: _median(ts) for k, ts in self.bare_samples.items()}
@@ -646,8 +684,9 @@ class Bench:
             scheduler_in_loop_pct=100 * in_loop / native_ms,
             scheduler_in_loop_direct_ms=direct,
             scheduler_in_loop_direct_pct=100 * direct / native_ms,
-            teacache_coefficients=list(self.teacache_coefficients or self.spec.teacache.coefficients),
-            teacache_coefficients_source="--teacache-coefficients" if self.teacache_coefficients else "manifest",
+            teacache_coefficients=list(poly),
+            teacache_coefficients_source="--teacache-coefficients" if source == "given" else source,
+            teacache_fitted=None if fitted is None else {str(k): list(v) for k, v in fitted.items()},
             methods=rows,
             interrupted=self.interrupted,
         )
@@ -826,6 +865,16 @@ def markdown(report: dict) -> str:
     if report.get("teacache_coefficients_source") == "--teacache-coefficients":
         poly = ", ".join(f"{c:g}" for c in report["teacache_coefficients"])
         lines += ["", f"TeaCache rescaling polynomial from --teacache-coefficients (highest power first): {poly}"]
+    elif str(report.get("teacache_coefficients_source", "")).startswith("fitted") and report.get("teacache_fitted"):
+        polys = "; ".join(
+            f"{k}p {', '.join(f'{c:g}' for c in v)}"
+            for k, v in sorted(report["teacache_fitted"].items(), key=lambda kv: int(kv[0]))
+        )
+        shape = report["teacache_coefficients_source"].split(": ", 1)[1]
+        lines += [
+            "",
+            f"TeaCache rescaling polynomials fitted for {shape} by --fit-teacache (highest power first): {polys}",
+        ]
     return "\n".join(lines)
 
 
@@ -936,8 +985,12 @@ def run_bench(
     width: int | None = None,
     frames: int | None = None,
     sizes: list[int] | None = None,
+    fit_teacache: int | None = None,
 ) -> dict:
-    """``sizes``: the exported patch sizes to load (default: all); the native 1 is the baseline's and must be one."""
+    """``sizes``: the exported patch sizes to load (default: all); the native 1 is the baseline's and must be one.
+    ``fit_teacache``: first fit TeaCache's polynomial per loaded size on that many prompts (built-in captions
+    disjoint from the benchmark's, or the first of ``prompts_file``'s), record the fit in the folder's manifest,
+    and bench with it; its lines are printed to stderr."""
     from ddit_runtime import runtime_class
     from ddit_runtime.manifest import load_manifest
 
@@ -945,6 +998,10 @@ def run_bench(
         raise DDiTError("--seeds and --count must be at least 1")
     if steps is not None and steps < 1:
         raise DDiTError(f"--steps must be at least 1, got {steps}")
+    if fit_teacache is not None and teacache_coefficients is not None:
+        raise DDiTError("--fit-teacache fits the polynomials --teacache-coefficients would replace: give one of them")
+    if fit_teacache is not None and fit_teacache < 1:
+        raise DDiTError(f"--fit-prompts must be at least 1, got {fit_teacache}")
     if sizes is not None and 1 not in sizes:
         raise DDiTError(f"--sizes {','.join(map(str, sizes))} leaves out 1, the native baseline's size: add 1")
     prompts = read_prompt_file(prompts_file) if prompts_file else None  # before the sessions load
@@ -960,6 +1017,22 @@ def run_bench(
         print(f"{runtime.backend}; {runtime.loader.resident}", file=sys.stderr, flush=True)
     prompts = prompts or builtin_prompts(runtime.spec.family, count)
     bench = Bench(runtime, prompts, seeds, steps, progress, teacache_coefficients, height, width, frames)
+    if fit_teacache:
+        if prompts_file:
+            fit_prompts = [p.text for p in prompts[:fit_teacache]]
+        else:
+            fit_prompts = [p.text for p in builtin_prompts(runtime.spec.family, fit_teacache, FIT_OFFSET)]
+        entry, lines = bench.fit_teacache(fit_prompts)
+        path = save_fitted_teacache(engines, entry)
+        for line in lines:
+            print(f"--fit-teacache: {line}", file=sys.stderr)
+        presets = ", ".join(f"{h:g}" for h in entry.presets)
+        print(
+            f"--fit-teacache: recorded for {entry.shape()} in {path} (thresholds on its scale: {presets}); ddit-run "
+            "uses it at that shape unless --teacache-coefficients is given",
+            file=sys.stderr,
+            flush=True,
+        )
     report = bench.run(taus, thresholds)
     report["quality_source"] = "built-in held-out captions (evaluator)" if not prompts_file else "PSNR/SSIM vs native"
     return report

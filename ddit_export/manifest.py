@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ddit_profiles import CalibratedTau, DDiTError, FluxSpec, spec_from_dict
+from ddit_profiles import CalibratedTau, DDiTError, FittedTeaCache, FluxSpec, spec_from_dict
 from ddit_runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from ddit_runtime.outputs import check_folder_writable
 
@@ -212,17 +212,35 @@ def write_manifest_atomic(folder: Path, data: dict) -> None:
         partial.unlink(missing_ok=True)
 
 
-def save_calibrated_tau(folder: str | Path, entry: CalibratedTau) -> Path:
-    """Record ``entry`` in ``folder``'s manifest (the profile block's scheduler defaults, which the runtime reads),
-    replacing any tau calibrated for the same shape; the rest of the manifest is kept as it is. The manifest is
-    read again here, so a change made while the bench ran (``ddit-build``) is not lost; it is replaced whole."""
+def _update_profile(folder: str | Path, change, what: str) -> Path:
+    """Replace ``folder``'s manifest with its profile block passed through ``change`` (a spec -> that block's new
+    dict), keeping the rest as it is. The manifest is read again here, so a change made while a bench ran
+    (``ddit-build``) is not lost; it is replaced whole, through a temporary file and a rename."""
     folder = Path(folder)
     try:
         data = json.loads((folder / MANIFEST).read_text())
-        profile = data["profile"]
-        scheduler = spec_from_dict(profile).scheduler.with_calibrated(entry)
-        profile["scheduler"] = dataclasses.asdict(scheduler)
+        data["profile"] = change(spec_from_dict(data["profile"]), data["profile"])
         write_manifest_atomic(folder, data)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DDiTError(f"cannot record the tau in '{folder / MANIFEST}' ({e}): check the folder is writable") from None
+        raise DDiTError(f"cannot record {what} in '{folder / MANIFEST}' ({e}): check the folder is writable") from None
     return folder / MANIFEST
+
+
+def save_calibrated_tau(folder: str | Path, entry: CalibratedTau) -> Path:
+    """Record ``entry`` in ``folder``'s manifest (the profile block's scheduler defaults, which the runtime reads),
+    replacing any tau calibrated for the same shape; the rest of the manifest is kept as it is."""
+
+    def change(spec, profile: dict) -> dict:
+        return profile | dict(scheduler=dataclasses.asdict(spec.scheduler.with_calibrated(entry)))
+
+    return _update_profile(folder, change, "the tau")
+
+
+def save_fitted_teacache(folder: str | Path, entry: FittedTeaCache) -> Path:
+    """Record ``entry`` in ``folder``'s manifest (the profile block's TeaCache spec, which the runtime reads),
+    replacing any fit for the same shape; the rest of the manifest is kept as it is."""
+
+    def change(spec, profile: dict) -> dict:
+        return profile | dict(teacache=dataclasses.asdict(spec.teacache.with_fitted(entry)))
+
+    return _update_profile(folder, change, "the TeaCache fit")

@@ -2,7 +2,17 @@
 
 from .errors import DDiTError
 from .flux import FLUX, FLUX_DEV_SHAPE, FLUX_TINY
-from .spec import FP8_MIN_CC, PRECISIONS, CalibratedTau, FlowShift, FluxSpec, SchedulerDefaults, TeaCacheSpec, Tolerance
+from .spec import (
+    FP8_MIN_CC,
+    PRECISIONS,
+    CalibratedTau,
+    FittedTeaCache,
+    FlowShift,
+    FluxSpec,
+    SchedulerDefaults,
+    TeaCacheSpec,
+    Tolerance,
+)
 from .wan import WAN, WAN_13B_SHAPE, WAN_TINY, WanSpec
 
 #: Any family's spec (they share ``name``, ``family``, ``check_factors``, ``patch_pixels``, ``to_dict``...).
@@ -62,6 +72,7 @@ __all__ = [
     "CalibratedTau",
     "DDiTError",
     "FAMILIES",
+    "FittedTeaCache",
     "FlowShift",
     "FP8_MIN_CC",
     "PRECISIONS",

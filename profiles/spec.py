@@ -132,6 +132,41 @@ class SchedulerDefaults:
 
 
 @dataclass(frozen=True)
+class FittedTeaCache:
+    """TeaCache rescaling polynomials that ``ddit-bench --fit-teacache`` fitted for one engines folder at one
+    generation shape, one per patch size: each maps that size's signal change between consecutive steps to its
+    output change, measured on that size's own trajectories.
+
+    The relation moves with the weights, the resolution, the step count and the patch size (the published FLUX.1-dev
+    polynomial predicts the tiny FLUX's output change worse than a constant), so the runtime takes these only where
+    height, width, frames and steps all match the generation; a size without a polynomial here, and every other
+    shape, keeps the manifest's ``coefficients``. ``presets``: the thresholds ``ddit-bench`` sweeps with them
+    (fitted polynomials predict the output's own change, so their thresholds are on another scale than the
+    published polynomials')."""
+
+    height: int
+    width: int
+    frames: int | None  # Wan's frame count; None for FLUX
+    steps: int
+    coefficients: dict  # patch size -> polynomial, highest power first
+    presets: tuple[float, ...] = ()
+    evidence: str = ""  # how well each fit predicts, on what, for people reading the manifest
+
+    def __post_init__(self):  # a manifest's JSON gives string keys and lists
+        polys = {int(k): tuple(float(c) for c in v) for k, v in dict(self.coefficients).items()}
+        object.__setattr__(self, "coefficients", dict(sorted(polys.items())))
+        object.__setattr__(self, "presets", tuple(float(h) for h in self.presets))
+
+    def key(self) -> tuple:
+        return (self.height, self.width, self.frames, self.steps)
+
+    def shape(self) -> str:
+        """'512x512, 20 steps' (frames first for Wan)."""
+        frames = f"{self.frames} frames of " if self.frames is not None else ""
+        return f"{frames}{self.height}x{self.width}, {self.steps} steps"
+
+
+@dataclass(frozen=True)
 class TeaCacheSpec:
     """TeaCache (Liu et al. 2024): skip the transformer blocks while the accumulated, rescaled relative L1 change
     of a cheap per-step signal stays under a threshold, and reuse the residual the blocks last added.
@@ -144,6 +179,21 @@ class TeaCacheSpec:
     signal: str = "block0_modulated"
     coefficients: tuple[float, ...] = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
     presets: tuple[float, ...] = (0.25, 0.4, 0.6)
+    fitted: tuple[FittedTeaCache, ...] = ()  # per shape, from ddit-bench --fit-teacache (empty in a profile)
+
+    def __post_init__(self):  # a manifest's JSON gives a list of dicts
+        entries = tuple(e if isinstance(e, FittedTeaCache) else FittedTeaCache(**e) for e in self.fitted)
+        object.__setattr__(self, "fitted", entries)
+
+    def fitted_for(self, height: int, width: int, frames: int | None, steps: int) -> FittedTeaCache | None:
+        """The polynomials fitted at exactly this shape, if any."""
+        key = (height, width, frames, steps)
+        return next((e for e in self.fitted if e.key() == key), None)
+
+    def with_fitted(self, entry: FittedTeaCache) -> TeaCacheSpec:
+        """This spec with ``entry`` added, replacing any fit of the same shape."""
+        kept = tuple(e for e in self.fitted if e.key() != entry.key())
+        return dataclasses.replace(self, fitted=(*kept, entry))
 
     def rescale(self, x: float) -> float:
         """The polynomial at ``x`` (Horner)."""
@@ -378,4 +428,4 @@ def rebuild(cls, d: dict):
 
 
 def _teacache(d: dict) -> TeaCacheSpec:
-    return TeaCacheSpec(d["signal"], tuple(d["coefficients"]), tuple(d["presets"]))
+    return TeaCacheSpec(d["signal"], tuple(d["coefficients"]), tuple(d["presets"]), tuple(d.get("fitted", ())))

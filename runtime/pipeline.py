@@ -22,7 +22,7 @@ from .guidance import CFG_MODES, guided_velocity
 from .manifest import Manifest, load_manifest
 from .scheduler import PatchScheduler, check_schedule_sizes, tau_and_source
 from .sigmas import flux_sigmas
-from .teacache import TeaCache, any_compute
+from .teacache import TeaCache, any_compute, polynomials
 from .text import PromptTokenizer, check_prompt
 
 
@@ -41,6 +41,11 @@ class Generation:
 
 class FluxRuntime:
     """Loads an engines folder (validated first) and generates images from prompts."""
+
+    #: Called as ``trace(factor, step, signal, velocity)`` after every engine call that ran a TeaCache probe, with
+    #: the call's buffers ([passes in the call, ...] each; copy what you keep): ``ddit-bench --fit-teacache`` records
+    #: each size's signal and output change through it. None: nothing is called.
+    trace = None
 
     def __init__(
         self,
@@ -144,8 +149,8 @@ class FluxRuntime:
         guided = true_cfg > 1.0
         caches = None
         if teacache is not None:  # one accumulator per pass: the prompt's, and the negative's when guided
-            coefficients = spec.teacache.coefficients if teacache_coefficients is None else teacache_coefficients
-            caches = [TeaCache(teacache, coefficients, steps, teacache_switch) for _ in range(2 if guided else 1)]
+            poly, per_size, poly_source = polynomials(spec.teacache, teacache_coefficients, height, width, None, steps)
+            caches = [TeaCache(teacache, poly, steps, teacache_switch, per_size) for _ in range(2 if guided else 1)]
             for k in self.sizes if schedule is None else sorted(set(schedule)):
                 self._probe(k)  # fail before any work when the folder has no probes
         started = time.perf_counter()
@@ -175,6 +180,9 @@ class FluxRuntime:
         if caches is not None:  # every pass sees the same schedule: count the steps once
             settings["teacache_switch"] = teacache_switch
             settings["teacache_coefficients"] = list(caches[0].coefficients)
+            settings["teacache_coefficients_source"] = poly_source
+            if per_size:  # the fitted sizes' own polynomials
+                settings["teacache_fitted"] = {str(k): list(v) for k, v in caches[0].size_coefficients.items()}
             settings["teacache_forced_by_switch"] = caches[0].forced_by_switch
             settings["teacache_reused_across_switch"] = caches[0].reused_across_switch
         return Generation(image, used, step_ms, time.perf_counter() - started, settings, computed, engine_ms)
@@ -277,4 +285,6 @@ class FluxRuntime:
             compute = any_compute(caches, buf["modulated"], step, factor)
         if compute:
             self.engines[factor].run(feeds, {"velocity": velocity} | {k: buf[k] for k in ("residual",) if k in buf})
+        if caches is not None and self.trace is not None:
+            self.trace(factor, step, buf["modulated"], velocity)
         return compute

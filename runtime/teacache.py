@@ -2,7 +2,8 @@
 the output would barely change, and reuse the residual the blocks added last time.
 
 Per step: the probe graph of the step's patch size gives the signal (FLUX: block 0's modulated input). Its
-relative L1 change since the previous step, rescaled by the profile's polynomial, is accumulated. While the sum
+relative L1 change since the previous step, rescaled by the profile's polynomial (or by the one ``ddit-bench
+--fit-teacache`` fitted for that size at the generation's shape, see ``polynomials``), is accumulated. While the sum
 stays under the threshold the step reuses the cached residual; otherwise the full engine runs, refreshes the
 cache, and the sum resets. The first and last steps always run.
 
@@ -68,19 +69,46 @@ def parse_coefficients(text: str) -> tuple[float, ...]:
 SWITCH_POLICIES = ("recompute", "per-size")
 
 
+def polynomials(teacache_spec, given: Sequence[float] | None, height: int, width: int, frames, steps: int):
+    """A generation's rescaling polynomials: (the default one, {size: its own} or None, where they came from).
+
+    ``given`` (``--teacache-coefficients``) serves every size ('given'); else the polynomials ``ddit-bench
+    --fit-teacache`` fitted per size at exactly this shape ('fitted: 512x512, 20 steps'), the manifest's for a
+    size without one; else the manifest's ('manifest'). ``teacache_spec``: the manifest's ``TeaCacheSpec``."""
+    if given is not None:
+        return tuple(given), None, "given"
+    entry = teacache_spec.fitted_for(height, width, frames, steps)
+    if entry is None:
+        return teacache_spec.coefficients, None, "manifest"
+    return teacache_spec.coefficients, entry.coefficients, f"fitted: {entry.shape()}"
+
+
+def _finite_polynomial(coefficients: Sequence[float]) -> tuple[float, ...]:
+    coefficients = tuple(float(c) for c in coefficients)
+    if not coefficients or not all(math.isfinite(c) for c in coefficients):
+        raise DDiTError(f"TeaCache's rescaling polynomial needs finite coefficients, got {coefficients}")
+    return coefficients
+
+
 class TeaCache:
     """The skip decision of one generation. ``threshold`` 0 computes every step (TeaCache off). ``switch``: what a
-    patch-size switch does (see the module docstring): ``recompute`` or ``per-size``."""
+    patch-size switch does (see the module docstring): ``recompute`` or ``per-size``. ``per_size``: a patch size's
+    own polynomial (``ddit-bench --fit-teacache``), in place of ``coefficients`` at that size."""
 
-    def __init__(self, threshold: float, coefficients: Sequence[float], steps: int, switch: str = "recompute"):
+    def __init__(
+        self,
+        threshold: float,
+        coefficients: Sequence[float],
+        steps: int,
+        switch: str = "recompute",
+        per_size: dict[int, Sequence[float]] | None = None,
+    ):
         if threshold < 0:
             raise DDiTError(f"--teacache is a threshold >= 0 (e.g. 0.25, 0.4, 0.6), got {threshold}")
         if switch not in SWITCH_POLICIES:
             raise DDiTError(f"--teacache-switch must be one of {', '.join(SWITCH_POLICIES)}, got '{switch}'")
-        coefficients = tuple(float(c) for c in coefficients)
-        if not coefficients or not all(math.isfinite(c) for c in coefficients):
-            raise DDiTError(f"TeaCache's rescaling polynomial needs finite coefficients, got {coefficients}")
-        self.threshold, self.coefficients, self.steps = float(threshold), coefficients, steps
+        self.threshold, self.coefficients, self.steps = float(threshold), _finite_polynomial(coefficients), steps
+        self.size_coefficients = {int(k): _finite_polynomial(v) for k, v in (per_size or {}).items()}
         self.per_size = switch == "per-size"
         self.reset()
 
@@ -105,7 +133,8 @@ class TeaCache:
         else:
             gap = step - self.seen[factor]  # 1 unless the steps since were run at other sizes
             accumulated = self.accumulated[factor]
-            accumulated += gap * rescale(relative_l1(signal, previous) / gap, self.coefficients)
+            poly = self.size_coefficients.get(factor, self.coefficients)
+            accumulated += gap * rescale(relative_l1(signal, previous) / gap, poly)
             compute = bool(accumulated >= self.threshold)  # the one host read
             if compute:
                 accumulated.zero_()

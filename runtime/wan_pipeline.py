@@ -25,13 +25,18 @@ from .guidance import CFG_MODES, guided_velocity
 from .manifest import load_manifest
 from .pipeline import Generation
 from .scheduler import PatchScheduler, check_schedule_sizes, tau_and_source
-from .teacache import TeaCache, any_compute
+from .teacache import TeaCache, any_compute, polynomials
 from .text import PromptTokenizer
 from .unipc import UniPCFlowSampler, wan_flow_sigmas, wan_flow_timesteps
 
 
 class WanRuntime:
     """Loads a Wan engines folder (validated first) and generates videos from prompts."""
+
+    #: Called as ``trace(factor, step, signal, velocity)`` after every engine call that ran a TeaCache probe, with
+    #: the call's buffers ([passes in the call, ...] each; copy what you keep): ``ddit-bench --fit-teacache`` records
+    #: each size's signal and output change through it. None: nothing is called.
+    trace = None
 
     def __init__(
         self,
@@ -138,8 +143,10 @@ class WanRuntime:
         caches = None
         if teacache is not None:  # one accumulator per pass: conditional, and unconditional when guided
             passes = 2 if scale > 1.0 else 1
-            coefficients = spec.teacache.coefficients if teacache_coefficients is None else teacache_coefficients
-            caches = [TeaCache(teacache, coefficients, steps, teacache_switch) for _ in range(passes)]
+            poly, per_size, poly_source = polynomials(
+                spec.teacache, teacache_coefficients, height, width, frames, steps
+            )
+            caches = [TeaCache(teacache, poly, steps, teacache_switch, per_size) for _ in range(passes)]
             for k in self.sizes if schedule is None else sorted(set(schedule)):
                 self._probe(k)  # fail before any work when the folder has no probes
         started = time.perf_counter()
@@ -171,6 +178,9 @@ class WanRuntime:
         if caches is not None:  # every pass sees the same schedule: count the steps once
             settings["teacache_switch"] = teacache_switch
             settings["teacache_coefficients"] = list(caches[0].coefficients)
+            settings["teacache_coefficients_source"] = poly_source
+            if per_size:  # the fitted sizes' own polynomials
+                settings["teacache_fitted"] = {str(k): list(v) for k, v in caches[0].size_coefficients.items()}
             settings["teacache_forced_by_switch"] = caches[0].forced_by_switch
             settings["teacache_reused_across_switch"] = caches[0].reused_across_switch
         return Generation(video, used, step_ms, time.perf_counter() - started, settings, computed, engine_ms)
@@ -208,6 +218,8 @@ class WanRuntime:
             self.engines[factor].run(
                 feeds, {"velocity": velocity} | ({} if residual is None else {"residual": residual})
             )
+        if caches and self.trace is not None:
+            self.trace(factor, step, signal, velocity)
         return compute
 
     def _signal(self, passes: int) -> torch.Tensor:
