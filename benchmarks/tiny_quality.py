@@ -1,7 +1,7 @@
 """Quality of an embedded tiny model (FLUX or Wan), and of DDiT on it, measured side by side in one run.
 
     python benchmarks/tiny_quality.py ENGINES_DIR [--captions 100] [--per-kind 50] [--steps 20] [--tau T] [--rho R]
-        [--sizes 1,2] [--offset N] [--json F]
+        [--sizes 1,2] [--offset N] [--height H --width W] [--json F]
 
 For held-out captions (seeds never used in training) it generates the native fixed schedule and DDiT's schedule
 from the same seeds, scores both with the shapes evaluator (per frame for Wan: ``evaluate_frames``, which adds
@@ -29,14 +29,22 @@ def _mean(xs):
 
 
 def compare(
-    runtime, seeds: list[int], simple: bool | None, steps: int, tau: float | None, rho: float | None = None
+    runtime,
+    seeds: list[int],
+    simple: bool | None,
+    steps: int,
+    tau: float | None,
+    rho: float | None = None,
+    shape: dict | None = None,
 ) -> dict:
+    """``shape``: ``height``/``width`` for ``generate`` (default: the profile's)."""
+    shape = shape or {}
     rows = []
     for seed in seeds:
         prompt = example(runtime.spec.family, seed, simple)
         caption, score = prompt.text, prompt.score
-        native = runtime.generate(caption, steps=steps, seed=seed, schedule=[1] * steps, progress=False)
-        ddit = runtime.generate(caption, steps=steps, seed=seed, tau=tau, rho=rho, progress=False)
+        native = runtime.generate(caption, steps=steps, seed=seed, schedule=[1] * steps, progress=False, **shape)
+        ddit = runtime.generate(caption, steps=steps, seed=seed, tau=tau, rho=rho, progress=False, **shape)
         pairs = list(zip(frames_of(ddit.image), frames_of(native.image), strict=True))
         rows.append(
             dict(
@@ -89,6 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rho", type=float, default=None, help="the scheduler's quantile (default: the profile's)")
     ap.add_argument("--sizes", default=None, help="load only these exported patch sizes, e.g. 1,2 (default: all)")
     ap.add_argument("--offset", type=int, default=0, help="shift the held-out seeds (e.g. for a calibration set)")
+    ap.add_argument("--height", type=int, default=None, help="image height (default: the profile's)")
+    ap.add_argument("--width", type=int, default=None, help="image width (default: the profile's)")
     ap.add_argument("--json", type=writable_json, default=None)
     args = ap.parse_args(argv)
     started = time.time()
@@ -97,7 +107,8 @@ def main(argv=None) -> int:
     runtime = (WanRuntime if family == "wan" else FluxRuntime)(args.engines, provider="cpu", sizes=sizes)
     steps = args.steps or runtime.spec.scheduler.steps
     base = HELD_OUT_SEED + args.offset
-    run = functools.partial(compare, runtime, steps=steps, tau=args.tau, rho=args.rho)
+    shape = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+    run = functools.partial(compare, runtime, steps=steps, tau=args.tau, rho=args.rho, shape=shape)
     overall = run(list(range(base, base + args.captions)), None)
     simple = run(list(range(base + 10_000, base + 10_000 + args.per_kind)), True)
     detailed = run(list(range(base + 20_000, base + 20_000 + args.per_kind)), False)
@@ -114,7 +125,8 @@ def main(argv=None) -> int:
         simple=simple,
         detailed=detailed,
     )
-    print(f"held-out captions: {overall['n']}, {steps} steps, tau {tau}, rho {report['rho']}")
+    size = f"{args.height or runtime.spec.opt_size[0]}x{args.width or runtime.spec.opt_size[1]}"
+    print(f"held-out captions: {overall['n']}, {size}, {steps} steps, tau {tau}, rho {report['rho']}")
     print("| schedule | evaluator score | " + " | ".join(overall["native_attributes"]) + " |")
     print("|---|---|" + "---|" * len(overall["native_attributes"]))
     for name in ("native", "ddit"):

@@ -124,8 +124,9 @@ class FluxRuntime:
         v = v_neg + true_cfg * (v - v_neg), one TeaCache accumulator per pass. ``cfg``: the two passes as one engine
         call on a batch of 2 (``batched``, the default) or as two calls (``two-pass``).
         ``teacache_switch``: what a patch-size switch does to TeaCache, ``recompute`` or ``per-size`` (see
-        ``teacache``). ``teacache_coefficients`` (highest power first) replace the manifest's rescaling polynomial,
-        e.g. one ``benchmarks/teacache_fit.py`` fitted to this model."""
+        ``teacache``). ``teacache_coefficients`` (highest power first) replace, for every size, the manifest's
+        rescaling polynomial and the per-size ones ``ddit-bench --fit-teacache`` recorded for this shape (which are
+        used by default where the shape matches; ``settings['teacache_coefficients_source']`` says which ran)."""
         spec, defaults = self.spec, self.spec.scheduler
         height = spec.opt_size[0] if height is None else height
         width = spec.opt_size[1] if width is None else width
@@ -149,8 +150,8 @@ class FluxRuntime:
         guided = true_cfg > 1.0
         caches = None
         if teacache is not None:  # one accumulator per pass: the prompt's, and the negative's when guided
-            poly, per_size, poly_source = polynomials(spec.teacache, teacache_coefficients, height, width, None, steps)
-            caches = [TeaCache(teacache, poly, steps, teacache_switch, per_size) for _ in range(2 if guided else 1)]
+            poly, fitted, poly_source = polynomials(spec.teacache, teacache_coefficients, height, width, None, steps)
+            caches = [TeaCache(teacache, poly, steps, teacache_switch, fitted) for _ in range(2 if guided else 1)]
             for k in self.sizes if schedule is None else sorted(set(schedule)):
                 self._probe(k)  # fail before any work when the folder has no probes
         started = time.perf_counter()
@@ -181,7 +182,7 @@ class FluxRuntime:
             settings["teacache_switch"] = teacache_switch
             settings["teacache_coefficients"] = list(caches[0].coefficients)
             settings["teacache_coefficients_source"] = poly_source
-            if per_size:  # the fitted sizes' own polynomials
+            if fitted:  # the fitted sizes' own polynomials
                 settings["teacache_fitted"] = {str(k): list(v) for k, v in caches[0].size_coefficients.items()}
             settings["teacache_forced_by_switch"] = caches[0].forced_by_switch
             settings["teacache_reused_across_switch"] = caches[0].reused_across_switch

@@ -92,8 +92,8 @@ def _finite_polynomial(coefficients: Sequence[float]) -> tuple[float, ...]:
 
 class TeaCache:
     """The skip decision of one generation. ``threshold`` 0 computes every step (TeaCache off). ``switch``: what a
-    patch-size switch does (see the module docstring): ``recompute`` or ``per-size``. ``per_size``: a patch size's
-    own polynomial (``ddit-bench --fit-teacache``), in place of ``coefficients`` at that size."""
+    patch-size switch does (see the module docstring): ``recompute`` or ``per-size``. ``size_coefficients``: patch
+    size -> its own polynomial (``ddit-bench --fit-teacache``), in place of ``coefficients`` at that size."""
 
     def __init__(
         self,
@@ -101,14 +101,14 @@ class TeaCache:
         coefficients: Sequence[float],
         steps: int,
         switch: str = "recompute",
-        per_size: dict[int, Sequence[float]] | None = None,
+        size_coefficients: dict[int, Sequence[float]] | None = None,
     ):
         if threshold < 0:
             raise DDiTError(f"--teacache is a threshold >= 0 (e.g. 0.25, 0.4, 0.6), got {threshold}")
         if switch not in SWITCH_POLICIES:
             raise DDiTError(f"--teacache-switch must be one of {', '.join(SWITCH_POLICIES)}, got '{switch}'")
         self.threshold, self.coefficients, self.steps = float(threshold), _finite_polynomial(coefficients), steps
-        self.size_coefficients = {int(k): _finite_polynomial(v) for k, v in (per_size or {}).items()}
+        self.size_coefficients = {int(k): _finite_polynomial(v) for k, v in (size_coefficients or {}).items()}
         self.per_size = switch == "per-size"
         self.reset()
 

@@ -119,7 +119,8 @@ class WanRuntime:
         ``teacache`` (a threshold such as 0.05 / 0.065 / 0.08; the tiny Wan's 20 steps: 0.15 / 0.25 / 0.4) also skips the blocks on steps TeaCache deems cheap,
         with one accumulator per classifier-free-guidance pass; ``teacache_switch`` (``recompute`` or ``per-size``)
         is what a patch-size switch does to it (see ``teacache``); ``teacache_coefficients`` (highest power first)
-        replace the manifest's rescaling polynomial."""
+        replace, for every size, the manifest's rescaling polynomial and the per-size ones ``ddit-bench
+        --fit-teacache`` recorded for this shape (used by default where the shape matches)."""
         spec, d = self.spec, self.spec.scheduler
         frames = spec.opt_frames if frames is None else frames
         height = spec.opt_size[0] if height is None else height
@@ -143,10 +144,8 @@ class WanRuntime:
         caches = None
         if teacache is not None:  # one accumulator per pass: conditional, and unconditional when guided
             passes = 2 if scale > 1.0 else 1
-            poly, per_size, poly_source = polynomials(
-                spec.teacache, teacache_coefficients, height, width, frames, steps
-            )
-            caches = [TeaCache(teacache, poly, steps, teacache_switch, per_size) for _ in range(passes)]
+            poly, fitted, poly_source = polynomials(spec.teacache, teacache_coefficients, height, width, frames, steps)
+            caches = [TeaCache(teacache, poly, steps, teacache_switch, fitted) for _ in range(passes)]
             for k in self.sizes if schedule is None else sorted(set(schedule)):
                 self._probe(k)  # fail before any work when the folder has no probes
         started = time.perf_counter()
@@ -179,7 +178,7 @@ class WanRuntime:
             settings["teacache_switch"] = teacache_switch
             settings["teacache_coefficients"] = list(caches[0].coefficients)
             settings["teacache_coefficients_source"] = poly_source
-            if per_size:  # the fitted sizes' own polynomials
+            if fitted:  # the fitted sizes' own polynomials
                 settings["teacache_fitted"] = {str(k): list(v) for k, v in caches[0].size_coefficients.items()}
             settings["teacache_forced_by_switch"] = caches[0].forced_by_switch
             settings["teacache_reused_across_switch"] = caches[0].reused_across_switch

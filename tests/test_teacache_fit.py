@@ -34,7 +34,7 @@ def test_teacache_rescales_each_size_with_its_own_polynomial():
     doubles every step (relative change 1) skips every interior step at 1p and computes every one at 2p."""
 
     def computed(factor: int) -> list[bool]:
-        cache = TeaCache(0.5, (0.0,), steps=6, per_size={2: (1.0, 0.0)})
+        cache = TeaCache(0.5, (0.0,), steps=6, size_coefficients={2: (1.0, 0.0)})
         return [cache.should_compute(torch.full((4,), 2.0**i), i, factor) for i in range(6)]
 
     assert computed(1) == [True, False, False, False, False, True]
