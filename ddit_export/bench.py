@@ -37,6 +37,7 @@ from .teacache_fit import DEFAULT_DEGREE, fit_teacache
 
 HELD_OUT_SEED = 900_000_000  # the recipes train on seeds below 10^8
 FIT_OFFSET = 50_000  # --fit-teacache's captions: HELD_OUT_SEED + 50 000 + i, not the benchmark's
+FIT_WITH_COEFFICIENTS = "--fit-teacache fits the polynomials --teacache-coefficients would replace: give one of them"
 
 
 @dataclass
@@ -435,9 +436,7 @@ class Bench:
         """Fit TeaCache's polynomial per loaded size at the bench's shape on ``prompts`` (see ``teacache_fit``), and
         use the fit from here on (the manifest is the caller's to update)."""
         if self.teacache_coefficients is not None:
-            raise DDiTError(
-                "--fit-teacache fits the polynomials --teacache-coefficients would replace: give one of them"
-            )
+            raise DDiTError(FIT_WITH_COEFFICIENTS)
 
         def generate(text: str, seed: int, schedule: list[int]) -> None:
             self._generate(Prompt(text), seed, dict(schedule=schedule, teacache=0.0))
@@ -999,7 +998,7 @@ def run_bench(
     if steps is not None and steps < 1:
         raise DDiTError(f"--steps must be at least 1, got {steps}")
     if fit_teacache is not None and teacache_coefficients is not None:
-        raise DDiTError("--fit-teacache fits the polynomials --teacache-coefficients would replace: give one of them")
+        raise DDiTError(FIT_WITH_COEFFICIENTS)
     if fit_teacache is not None and fit_teacache < 1:
         raise DDiTError(f"--fit-prompts must be at least 1, got {fit_teacache}")
     if sizes is not None and 1 not in sizes:

@@ -62,6 +62,12 @@ class Tolerance:
         return self.atol + self.rtol * reference_scale
 
 
+def _shape_text(height: int, width: int, frames: int | None, steps: int) -> str:
+    """'512x512, 20 steps', or '9 frames of 256x256, 20 steps' for Wan: the shape a calibration was made at."""
+    prefix = f"{frames} frames of " if frames is not None else ""
+    return f"{prefix}{height}x{width}, {steps} steps"
+
+
 @dataclass(frozen=True)
 class CalibratedTau:
     """A tau that ``ddit-bench --save-tau`` chose for one engines folder at one generation shape: the largest of the
@@ -89,9 +95,8 @@ class CalibratedTau:
 
     def shape(self) -> str:
         """'512x512, 20 steps, sizes 1,2, rho 0.7' (frames first for Wan)."""
-        frames = f"{self.frames} frames of " if self.frames is not None else ""
         sizes = ",".join(map(str, self.sizes))
-        return f"{frames}{self.height}x{self.width}, {self.steps} steps, sizes {sizes}, rho {self.rho:g}"
+        return f"{_shape_text(self.height, self.width, self.frames, self.steps)}, sizes {sizes}, rho {self.rho:g}"
 
 
 @dataclass(frozen=True)
@@ -162,8 +167,7 @@ class FittedTeaCache:
 
     def shape(self) -> str:
         """'512x512, 20 steps' (frames first for Wan)."""
-        frames = f"{self.frames} frames of " if self.frames is not None else ""
-        return f"{frames}{self.height}x{self.width}, {self.steps} steps"
+        return _shape_text(self.height, self.width, self.frames, self.steps)
 
 
 @dataclass(frozen=True)
