@@ -252,11 +252,10 @@ class RecipeBase:
         return ema
 
     def _flow_matching_loop(self, model, ema, engine, data, call, mu, opt, sched, gen, steps) -> None:
-        s, n, bf16 = self.steps, data["latent"].shape[0], self._bf16()
+        s, bf16 = self.steps, self._bf16()
         bar = tqdm(range(steps), desc="transformer", disable=not self.progress)
-        for _ in bar:
-            idx = torch.randint(0, n, (s.transformer_batch,), generator=gen)
-            x0 = data["latent"][idx]
+        for step in bar:
+            idx, x0, mu = self._draw(data, gen, step, mu)
             u = torch.sigmoid(torch.randn(s.transformer_batch, generator=gen))
             sigma = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
             noise = torch.randn(x0.shape, generator=gen)
@@ -274,6 +273,12 @@ class RecipeBase:
                 for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
                     pe.lerp_(pm, 1 - s.ema)
             bar.set_postfix(loss=f"{loss.item():.4f}")
+
+    def _draw(self, data: dict, gen: torch.Generator, step: int, mu: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Step ``step``'s batch: the conditioning rows ``idx`` [B], their latents ``data["latent"][idx]`` [B, ...]
+        and the sigma shift ``mu``. A recipe that trains on more than one latent size overrides this."""
+        idx = torch.randint(0, data["latent"].shape[0], (self.steps.transformer_batch,), generator=gen)
+        return idx, data["latent"][idx], mu
 
     def _bf16(self) -> bool:
         """bfloat16 autocast for the transformer phases: asked for, and the CPU has native bfloat16 matmuls."""
