@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         base.check_resolution(args.size, args.size, base.patch_factors)
         if min(args.steps, args.batch, args.examples, args.adapter_steps, args.adapter_prompts) < 1:
             raise DDiTError("--steps, --batch, --examples, --adapter-steps and --adapter-prompts must be at least 1")
+        if args.adapter_prompts < 2:  # the adapters' trainer holds one out: refuse now, not after the fine-tune
+            raise DDiTError("--adapter-prompts must be at least 2 (one is held out to evaluate the adapters)")
         if not args.lr > 0:
             raise DDiTError(f"--lr must be positive, not {args.lr}")
         if args.mix_size:

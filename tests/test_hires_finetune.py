@@ -30,6 +30,8 @@ def test_bad_arguments_are_one_line_errors_and_write_nothing(hires, tmp_path, ca
     assert hires.main(["-o", str(out), "--steps", "0"]) == 2
     assert hires.main(["-o", str(out), "--lr", "0"]) == 2
     assert "--lr must be positive" in capsys.readouterr().err
+    assert hires.main(["-o", str(out), "--adapter-prompts", "1"]) == 2
+    assert "--adapter-prompts must be at least 2" in capsys.readouterr().err
     assert not out.exists()
 
 
