@@ -38,10 +38,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
-from ddit_export.recipe import FluxRecipe, RecipeSteps, _image_tensor
-from ddit_export.shapes import make_example
+from ddit_export.recipe import FluxRecipe, RecipeSteps
 from ddit_export.tiny import PACKAGE_MODELS
 from ddit_profiles import DDiTError, get_profile
 
@@ -66,17 +64,10 @@ class MixedSizeRecipe(FluxRecipe):
         if path.is_file():
             mix = load_file(str(path))
         else:
-            vae, lat, captions = parts["vae"], [], []
-            for start in tqdm(range(0, self.mix_examples, 32), desc=f"latents at {self.mix_size}"):
-                batch = [
-                    make_example(MIX_SEED + i, size=self.mix_size)
-                    for i in range(start, min(start + 32, self.mix_examples))
-                ]
-                z = vae.encode(torch.stack([_image_tensor(img) for img, _, _ in batch])).latent_dist.mean
-                lat.append((z - vae.config.shift_factor) * vae.config.scaling_factor)
-                captions += [cap for _, cap, _ in batch]
+            seeds = [MIX_SEED + i for i in range(self.mix_examples)]
+            latent, captions = self.encode_scenes(parts["vae"], seeds, self.mix_size)
             t5, pooled = self._encode_text(parts, captions)
-            mix = {"latent": torch.cat(lat).contiguous(), "t5": t5, "pooled": pooled}
+            mix = {"latent": latent, "t5": t5, "pooled": pooled}
             tmp = path.with_name(f".{path.name}.partial")
             save_file(mix, str(tmp))
             tmp.rename(path)

@@ -421,23 +421,26 @@ class FluxRecipe(RecipeBase):
             data["captions"] = json.loads((self.out / "captions.json").read_text())
             return data
         _log(f"encoding {self.steps.examples} examples")
-        vae = parts["vae"]
-        lat, captions = [], []
-        for start in tqdm(range(0, self.steps.examples, 32), desc="latents", disable=not self.progress):
-            batch = [
-                make_example(self.seed * 1_000_003 + i, size=self.size)
-                for i in range(start, min(start + 32, self.steps.examples))
-            ]
-            x = torch.stack([_image_tensor(img) for img, _, _ in batch])
-            z = vae.encode(x).latent_dist.mean
-            lat.append((z - vae.config.shift_factor) * vae.config.scaling_factor)
-            captions += [cap for _, cap, _ in batch]
+        seeds = [self.seed * 1_000_003 + i for i in range(self.steps.examples)]
+        latent, captions = self.encode_scenes(parts["vae"], seeds, self.size)
         t5, pooled = self._encode_text(parts, captions)
-        data = {"latent": torch.cat(lat).contiguous(), "t5": t5, "pooled": pooled}
+        data = {"latent": latent, "t5": t5, "pooled": pooled}
         save_file(data, str(path))
         (self.out / "captions.json").write_text(json.dumps(captions))
         data["captions"] = captions
         return data
+
+    @torch.no_grad()
+    def encode_scenes(self, vae, seeds: list[int], size: int) -> tuple[torch.Tensor, list[str]]:
+        """The shapes scenes of ``seeds`` rendered at ``size`` pixels and encoded by ``vae``: latents [N, C, size/8,
+        size/8], shifted and scaled as the transformer sees them, and the N captions."""
+        lat, captions = [], []
+        for start in tqdm(range(0, len(seeds), 32), desc=f"latents at {size}", disable=not self.progress):
+            batch = [make_example(seed, size=size) for seed in seeds[start : start + 32]]
+            z = vae.encode(torch.stack([_image_tensor(img) for img, _, _ in batch])).latent_dist.mean
+            lat.append((z - vae.config.shift_factor) * vae.config.scaling_factor)
+            captions += [cap for _, cap, _ in batch]
+        return torch.cat(lat).contiguous(), captions
 
     @torch.no_grad()
     def _encode_text(self, parts: dict, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
