@@ -8,7 +8,11 @@
 At 256x256 a 4p token of the tiny FLUX covers 64x64 pixels, more than its shapes (36 pixels), and every patch
 schedule with more than half its steps coarse loses quality (docs/measurements.md). At 512x512 a 2p token covers
 32x32 pixels of shapes 72 pixels wide, as a 1p token does at 256, which is the regime the paper's premise needs.
-The shipped model draws only the background at 512 (it never saw that size), so this script fine-tunes it there.
+With absolute RoPE positions the shipped model draws only the background at 512 (it never saw positions past 16
+tokens a side), so this script fine-tunes it there. Since 2026-12-07 the ``flux-tiny`` profile interpolates the
+positions of a larger image onto 16 (``rope_reference``), so a fine-tune starts from a model that already draws
+shapes at 512, and one that mixes in 256 sees the same span of positions at both sizes; the runs before that
+(``ft512`` to ``ft512f`` in docs/measurements.md) used absolute positions.
 
 It copies ``--model`` (default: the shipped tiny FLUX) into ``OUT/model`` and runs ``ddit-recipe``'s stages from
 the latents on, at ``--size``: ``--examples`` scenes of the shapes data set rendered at that size and encoded by the

@@ -40,11 +40,22 @@ class Float32FluxPosEmbed(nn.Module):
         return torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)
 
 
-def image_ids(rows: int, cols: int, factor: int, device=None) -> torch.Tensor:
-    """[rows*cols, 3] RoPE ids (0, row, col) of coarse tokens at their fine-grid centres: k*i + (k-1)/2."""
+def image_ids(rows: int, cols: int, factor: int, device=None, reference: int | None = None) -> torch.Tensor:
+    """[rows*cols, 3] RoPE ids (0, row, col) of coarse tokens at their fine-grid centres: k*i + (k-1)/2.
+
+    ``reference`` (fine-grid tokens per side, or None): on a fine grid whose longer side has more tokens than that,
+    every position is scaled by ``reference / longer side``, so the ids keep the span the model was trained on
+    (position interpolation; the aspect ratio is kept). FLUX itself uses absolute positions (None).
+    """
     offset = (factor - 1) / 2
     r = torch.arange(rows, device=device, dtype=torch.float32) * factor + offset
     c = torch.arange(cols, device=device, dtype=torch.float32) * factor + offset
+    if reference is not None:  # tensor arithmetic on the (symbolic) grid size: the exported graph stays dynamic
+        longer = torch.maximum(
+            torch.full((), rows * factor, device=device), torch.full((), cols * factor, device=device)
+        )
+        scale = torch.clamp(reference / longer.float(), max=1.0)
+        r, c = r * scale, c * scale
     grid = torch.stack(
         [torch.zeros(rows, cols, device=device), r[:, None].expand(rows, cols), c[None, :].expand(rows, cols)], dim=-1
     )
@@ -72,7 +83,7 @@ class FluxEngine(nn.Module):
         t = self.transformer
         patch = self.spec.patch_pixels(self.factor)
         tokens = pack(latent, patch)  # [B, N, C*patch^2]
-        img_ids = image_ids(height // patch, width // patch, self.factor, latent.device)
+        img_ids = image_ids(height // patch, width // patch, self.factor, latent.device, self.spec.rope_reference)
         txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=latent.device)
         seen: dict = {}
         hooks = []

@@ -28,6 +28,11 @@ FLUX_TINY = FluxSpec(
     min_size=(128, 128),
     opt_size=(256, 256),
     max_size=(512, 512),
+    # Trained at 256x256 (16 tokens a side at 1p): beyond that, RoPE positions are interpolated onto 16, so a larger
+    # image sees the span of positions the model learned. At 512x512 the shipped weights score 0.238 on 16 held-out
+    # captions with absolute positions (the background only) and 0.500 interpolated, before any training there; a
+    # fine-tune at 512 keeps 256 with them (docs/measurements.md, "RoPE positions interpolated").
+    rope_reference=16,
     # tau calibrated on the trained tiny model with 40 calibration captions (never the reported held-out ones):
     # 0.002 kept the score within 0.03 and gave simple captions more coarse steps than detailed ones. true_cfg 3:
     # the recipe's fine-tune drops 10% of captions, and guidance against the empty prompt lifts the held-out

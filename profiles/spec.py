@@ -245,6 +245,9 @@ class FluxSpec:
     clip_max_length: int = 77
     vae_scaling_factor: float = 0.3611
     vae_shift_factor: float = 0.1159
+    # RoPE position interpolation: fine-grid tokens per side the model was trained at (None: FLUX's absolute
+    # positions). On a larger grid the image ids are scaled back onto that span (``flux_model.image_ids``).
+    rope_reference: int | None = None
     # What an export offers.
     patch_factors: tuple[int, ...] = (1, 2, 4)
     min_size: tuple[int, int] = (256, 256)  # (height, width) in pixels

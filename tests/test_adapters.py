@@ -105,6 +105,18 @@ def test_coarse_image_ids_sit_at_fine_grid_centres():
     assert native[:, 1:].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
 
 
+def test_image_ids_are_interpolated_onto_the_reference_span_beyond_it():
+    # Up to the reference grid: the absolute ids, exactly (the shipped tiny FLUX at 256 is unchanged).
+    for rows, cols, k in ((16, 16, 1), (8, 4, 2), (4, 4, 4), (8, 16, 1)):
+        assert torch.equal(image_ids(rows, cols, k, reference=16), image_ids(rows, cols, k))
+    # Beyond it: every position scaled by reference / longer side, on both axes (the aspect ratio is kept).
+    ids = image_ids(32, 16, 1, reference=16)
+    assert torch.equal(ids, image_ids(32, 16, 1) * 0.5)
+    assert ids[:, 1].max().item() == 15.5 and ids[:, 2].max().item() == 7.5
+    coarse = image_ids(8, 8, 4, reference=16)  # 32 fine tokens a side: centres (4i + 1.5) / 2
+    assert coarse[:8, 2].tolist() == [(4 * i + 1.5) / 2 for i in range(8)]
+
+
 def _inputs(spec, batch=2, height=128, width=192, seed=0):
     g = torch.Generator().manual_seed(seed)
     lh, lw = spec.latent_hw(height, width)
