@@ -385,7 +385,7 @@ def _teacache_note(settings: dict) -> str:
     """'TeaCache 0.15 with the polynomials fitted for this shape by ddit-bench --fit-teacache', or whose."""
     source = settings.get("teacache_coefficients_source", "manifest")
     whose = {"given": "--teacache-coefficients", "manifest": "the manifest's polynomial"}.get(
-        source, "the polynomials fitted for this shape by ddit-bench --fit-teacache"
+        source, "the polynomials fitted for this shape (the profile's or ddit-bench --fit-teacache's)"
     )
     return f"TeaCache {settings['teacache']:g} with {whose}"
 
@@ -396,7 +396,7 @@ def _tau_note(runtime, settings: dict) -> str:
     if source == "given":
         return f"tau {tau:g}"
     if source.startswith("calibrated"):
-        return f"tau {tau:g} (calibrated for this shape by ddit-bench --save-tau)"
+        return f"tau {tau:g} (calibrated for this shape, these sizes and rho: the profile's or ddit-bench --save-tau's)"
     calibrated = runtime.spec.scheduler.calibrated
     elsewhere = f"; calibrated only for {' | '.join(e.shape() for e in calibrated)}" if calibrated else ""
     return f"tau {tau:g} (the profile's{elsewhere})"

@@ -14,7 +14,8 @@ positions of a larger image onto 16 (``rope_reference``), so a fine-tune starts 
 shapes at 512, and one that mixes in 256 sees the same span of positions at both sizes; the runs before that
 (``ft512`` to ``ft512f`` in docs/measurements.md) used absolute positions.
 
-It copies ``--model`` (default: the shipped tiny FLUX) into ``OUT/model`` and runs ``ddit-recipe``'s stages from
+It copies ``--model`` (default: the shipped tiny FLUX, which since 2026-12-07 is this script's own 512 fine-tune;
+start from ``ddit-recipe flux --fast``'s ``OUT/model`` to rebuild it) into ``OUT/model`` and runs ``ddit-recipe``'s stages from
 the latents on, at ``--size``: ``--examples`` scenes of the shapes data set rendered at that size and encoded by the
 model's VAE, ``--steps`` of flow matching from the model's weights (the recipe's fine-tune phase: lr 3e-4, 10% empty
 captions, bfloat16 autocast and torch.compile where the CPU has them), then the DDiT adapters trained at that size.
@@ -23,8 +24,8 @@ stage whose output exists is skipped, so a second run with the same ``-o`` resum
 ``--model`` at an earlier run's ``OUT/model`` with a new ``-o``, and ``--latents-from`` at that run's folder to reuse
 its encoded scenes.
 
-A fine-tune at 512 alone loses 256 (the 6200-step model scores 0.556 there on 100 held-out captions, the shipped
-one 0.802). ``--mix-size 256`` keeps both: every ``--mix-every``-th step trains on ``--mix-examples`` other scenes
+A fine-tune at 512 alone loses 256 (the 6200-step model scores 0.556 there on 100 held-out captions, the recipe's
+model 0.802). ``--mix-size 256`` keeps both: every ``--mix-every``-th step trains on ``--mix-examples`` other scenes
 rendered at that size (encoded once into ``OUT/latents-256.safetensors``), at that size's sigma shift.
 
 Then: ``ddit-export flux --model OUT/model --profile flux-tiny --adapters OUT/adapters/adapters.safetensors -o E``
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         for part in ("transformer", "vae", "text_encoder", "text_encoder_2"):
             if not (args.model / part).is_dir():
                 raise DDiTError(f"{args.model} has no {part}/ folder: point --model at a tiny FLUX model folder")
-        spec = replace(base, opt_size=(args.size, args.size))
+        spec = replace(base, opt_size=(args.size, args.size), recipe_size=args.size)
         steps = replace(
             RecipeSteps.fast(),
             examples=args.examples,

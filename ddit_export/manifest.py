@@ -236,6 +236,15 @@ def save_calibrated_tau(folder: str | Path, entry: CalibratedTau) -> Path:
     return _update_profile(folder, change, "the tau")
 
 
+def without_profile_calibrations(spec):
+    """``spec`` without the calibrated taus and fitted TeaCache polynomials its profile ships. A profile's own were
+    measured on its embedded model's shipped weights and adapters, in float32 (the tiny FLUX's, at 512x512); an
+    export of anything else keeps the profile's general tau and the published polynomial, so its manifest does not
+    claim a calibration made on another model. ``ddit-bench --save-tau`` / ``--fit-teacache`` measure its own."""
+    scheduler = dataclasses.replace(spec.scheduler, calibrated=())
+    return dataclasses.replace(spec, scheduler=scheduler, teacache=dataclasses.replace(spec.teacache, fitted=()))
+
+
 def save_fitted_teacache(folder: str | Path, entry: FittedTeaCache) -> Path:
     """Record ``entry`` in ``folder``'s manifest (the profile block's TeaCache spec, which the runtime reads),
     replacing any fit for the same shape; the rest of the manifest is kept as it is."""

@@ -344,6 +344,13 @@ class FluxRecipe(RecipeBase):
     pipeline_class = "FluxPipeline"
     text_encoder_folder = "text_encoder_2"
 
+    def __init__(self, spec, out: Path, steps, seed: int = 0, progress: bool = True):
+        super().__init__(spec, out, steps, seed, progress)
+        self.size = spec.recipe_size or spec.opt_size[0]
+
+    def adapter_options(self) -> dict:
+        return dict(height=self.size, width=self.size)
+
     # ---- tokenizers and text encoders (pretrained on the captions, then frozen) -------------------------------
 
     def components(self) -> dict:

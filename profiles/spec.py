@@ -103,8 +103,8 @@ class CalibratedTau:
 class SchedulerDefaults:
     """DDiT scheduler and sampler defaults (paper: tau = 0.001, rho = 0.4).
 
-    ``calibrated``: taus ``ddit-bench --save-tau`` measured for particular shapes of an engines folder (empty in a
-    profile; the manifest's copy gains them). ``tau_for`` picks the one for a generation, else ``tau``.
+    ``calibrated``: taus measured for particular shapes: a profile's own (the tiny FLUX ships one), copied into every
+    manifest, and those ``ddit-bench --save-tau`` adds to an engines folder's manifest. ``tau_for`` picks the one for a generation, else ``tau``.
     """
 
     tau: float = 0.001
@@ -183,7 +183,7 @@ class TeaCacheSpec:
     signal: str = "block0_modulated"
     coefficients: tuple[float, ...] = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
     presets: tuple[float, ...] = (0.25, 0.4, 0.6)
-    fitted: tuple[FittedTeaCache, ...] = ()  # per shape, from ddit-bench --fit-teacache (empty in a profile)
+    fitted: tuple[FittedTeaCache, ...] = ()  # per shape: a profile's own, and those ddit-bench --fit-teacache adds
 
     def __post_init__(self):  # a manifest's JSON gives a list of dicts
         entries = tuple(e if isinstance(e, FittedTeaCache) else FittedTeaCache(**e) for e in self.fitted)
@@ -253,6 +253,8 @@ class FluxSpec:
     min_size: tuple[int, int] = (256, 256)  # (height, width) in pixels
     opt_size: tuple[int, int] = (1024, 1024)
     max_size: tuple[int, int] = (2048, 2048)
+    # The image side ``ddit-recipe`` trains the embedded model and its adapters at (None: ``opt_size``'s height).
+    recipe_size: int | None = None
     max_batch: int = 4
     opset: int = 18
     scheduler: SchedulerDefaults = SchedulerDefaults()

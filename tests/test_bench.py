@@ -566,7 +566,8 @@ def test_save_tau_records_the_largest_tau_that_met_the_bar_and_ddit_run_takes_it
     data = json.loads(off.output.strip().splitlines()[-1])
     assert (data["tau"], data["tau_source"]) == (get_profile("flux-tiny").scheduler.tau, "profile")
     said = CliRunner().invoke(run_main, [str(engines), "--prompt", "a red circle", "-o", str(tmp_path / "c.png")])
-    assert "tau 0.002 (the profile's; calibrated only for 256x256, 6 steps, sizes 1,2,4, rho 0.7)" in said.output
+    tau = get_profile("flux-tiny").scheduler.tau
+    assert f"tau {tau:g} (the profile's; calibrated only for 256x256, 6 steps, sizes 1,2,4, rho 0.7)" in said.output
 
     before = (engines / "manifest.json").read_bytes()
     args = [str(engines), "--count", "1", "--steps", "6", "--taus", "1e9", "--teacache-thresholds", "1e9"]
@@ -582,7 +583,7 @@ def test_bench_defaults_to_the_tau_calibrated_at_its_shape():
     from ddit_profiles import CalibratedTau
 
     spec = get_profile("flux-tiny")
-    entry = CalibratedTau(256, 256, None, 6, (1, 2), spec.scheduler.rho, 0.05)
+    entry = CalibratedTau(*spec.opt_size, None, 6, (1, 2), spec.scheduler.rho, 0.05)  # the bench's default shape
 
     class Runtime:
         sizes = (1, 2)

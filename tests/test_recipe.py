@@ -123,8 +123,48 @@ def test_keep_freed_memory_stops_big_tensors_faulting_in_fresh_pages():
     assert faults < 2 * 16384, f"{faults} page faults for 5 reused 64 MiB tensors: at most one should fault in"
 
 
-def test_the_shipped_tiny_flux_was_built_by_the_fast_recipe_steps():
-    """``ddit-recipe flux --fast`` is the shipped model's command: its recorded steps are ``RecipeSteps.fast()``."""
+def test_the_shipped_tiny_flux_was_built_by_the_fast_recipe_steps_then_fine_tuned_at_512():
+    """``ddit-recipe flux --fast`` built the base model (its recorded steps are ``RecipeSteps.fast()``, at the
+    profile's ``recipe_size``); the shipped weights are the last of a chain of ``hires_finetune.py`` runs from it,
+    each recorded with its command and steps, at the profile's default shape."""
+    from ddit_profiles import get_profile
+
     recorded = json.loads((PACKAGE_MODELS / "flux" / "recipe.json").read_text())
     assert recorded["steps"] == dataclasses.asdict(RecipeSteps.fast())
     assert recorded["transformer_training"] == {"bf16_autocast": True, "compiled": True}
+    spec = get_profile("flux-tiny")
+    assert spec.recipe_size == 256 and spec.opt_size == (512, 512)
+    chain = recorded["fine_tunes"]
+    assert [run["name"] for run in chain] == ["pi1", "pi2", "pi3", "pi4"]
+    previous = None
+    for run in chain:
+        words = run["command"].split()
+        assert words[:2] == ["python", "benchmarks/hires_finetune.py"] and run["size"] == spec.opt_size[0]
+        assert words[words.index("-o") + 1] == f"build/{run['name']}"
+        base = "build/tiny-flux-fast/model"  # ddit-recipe flux --fast's -o, the first fine-tune's start
+        assert words[words.index("--model") + 1] == (base if previous is None else f"build/{previous}/model")
+        assert int(words[words.index("--steps") + 1]) == run["steps"]["finetune_steps"]
+        previous = run["name"]
+    for k in ("2", "4"):  # the shipped adapters are the last run's, trained at 512
+        assert chain[-1]["adapters_eval"][k]["trained"] < chain[-1]["adapters_eval"][k]["init"]
+
+
+def test_profile_calibrations_go_only_into_exports_of_the_shipped_weights(tmp_path, tiny_engines):
+    """The flux-tiny profile's calibrated tau and fitted TeaCache polynomials were measured on the shipped weights
+    and adapters in float32: an export of those carries them, one with other adapters (``tiny_engines``: untrained)
+    does not."""
+    from ddit_export.flux_export import export_flux
+    from ddit_profiles import get_profile
+    from ddit_runtime.manifest import load_manifest
+    from ddit_runtime.scheduler import tau_and_source
+
+    profile = dataclasses.replace(get_profile("flux-tiny"), opt_size=(256, 256))  # traced at 256: faster
+    assert profile.scheduler.calibrated and profile.teacache.fitted
+    shipped = export_flux("tiny", profile, [1], tmp_path / "shipped", progress=False)
+    assert shipped["profile"]["scheduler"]["calibrated"] and shipped["profile"]["teacache"]["fitted"]
+    spec = load_manifest(tmp_path / "shipped").spec
+    assert tau_and_source(spec.scheduler, None, 512, 512, None, 20, (1, 2), 0.7)[0] == 0.02
+    assert tau_and_source(spec.scheduler, None, 512, 512, None, 20, (1, 2, 4), 0.7) == (spec.scheduler.tau, "profile")
+    assert spec.teacache.fitted_for(512, 512, None, 20).coefficients.keys() == {1, 2, 4}
+    other = load_manifest(tiny_engines).spec
+    assert other.scheduler.calibrated == () and other.teacache.fitted_for(512, 512, None, 20) is None

@@ -238,7 +238,10 @@ def test_own_coefficients_replace_the_manifests(runtime):
 def test_cli_teacache_coefficients(tiny_engines, tmp_path):
     out = tmp_path / "c.png"
     base = [str(tiny_engines), "--prompt", PROMPT, "--steps", "6", "-o", str(out)]
-    result = CliRunner().invoke(run_main, [*base, "--teacache", "0.5", "--teacache-coefficients", "0", "--json"])
+    fixed = ["--schedule", "1"]  # no patch-size switch, which would recompute whatever the polynomial says
+    result = CliRunner().invoke(
+        run_main, [*base, *fixed, "--teacache", "0.5", "--teacache-coefficients", "0", "--json"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["computed"] == [True, False, False, False, False, True] and report["teacache_coefficients"] == [0.0]

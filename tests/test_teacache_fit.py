@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from ddit_export.bench import Bench
 from ddit_export.teacache_fit import fit_polynomial
-from ddit_profiles import DDiTError, FittedTeaCache, get_profile, spec_from_dict
+from ddit_profiles import DDiTError, FittedTeaCache, spec_from_dict
 from ddit_runtime.teacache import TeaCache, polynomials
 
 
@@ -41,8 +41,8 @@ def test_teacache_rescales_each_size_with_its_own_polynomial():
     assert computed(2) == [True] * 6
 
 
-def test_polynomials_take_the_fit_only_at_its_shape():
-    spec = get_profile("flux-tiny").teacache
+def test_polynomials_take_the_fit_only_at_its_shape(tiny_spec):
+    spec = tiny_spec.teacache  # without the profile's own fit, which is at 512x512, 20 steps
     fitted = spec.with_fitted(FittedTeaCache(256, 256, None, 6, {2: (1.0, 0.0)}, (0.1,)))
     assert polynomials(fitted, None, 256, 256, None, 6) == (
         spec.coefficients,
@@ -59,10 +59,10 @@ def test_polynomials_take_the_fit_only_at_its_shape():
     assert [e.shape() for e in again.fitted] == ["256x256, 6 steps", "512x512, 6 steps"]
 
 
-def test_a_fit_round_trips_through_the_manifests_json():
+def test_a_fit_round_trips_through_the_manifests_json(tiny_spec):
     import dataclasses
 
-    spec = get_profile("flux-tiny")
+    spec = tiny_spec  # without the profile's own fit
     entry = FittedTeaCache(256, 256, None, 6, {4: [0.5, 0.1], 1: [2.0, 0.0, 0.01]}, [0.1, 0.2], "R^2 0.5")
     spec = dataclasses.replace(spec, teacache=spec.teacache.with_fitted(entry))
     back = spec_from_dict(json.loads(json.dumps(spec.to_dict())))
@@ -79,7 +79,9 @@ def test_fit_teacache_records_the_fit_and_ddit_run_uses_it_at_that_shape(tiny_en
     shutil.copytree(tiny_engines, engines)
     report = tmp_path / "bench.json"
     args = [str(engines), "--count", "1", "--steps", "6", "--taus", "1e9", "--json", str(report), "--quiet"]
-    result = CliRunner().invoke(bench_main, [*args, "--fit-teacache", "--fit-prompts", "2"])
+    # 3 prompts: on the shipped weights (untrained adapters) 2 gave 20 step pairs a size, too few for a fit that
+    # does not go negative somewhere inside them (refused in one line, as it should be).
+    result = CliRunner().invoke(bench_main, [*args, "--fit-teacache", "--fit-prompts", "3"])
     assert result.exit_code == 0, result.output
     for k in (1, 2, 4):
         assert f"--fit-teacache: {k}p: degree " in result.output
@@ -87,7 +89,7 @@ def test_fit_teacache_records_the_fit_and_ddit_run_uses_it_at_that_shape(tiny_en
     (entry,) = load_manifest(engines).spec.teacache.fitted  # sha256 of every file still checks
     assert entry.key() == (256, 256, None, 6) and set(entry.coefficients) == {1, 2, 4}
     assert len(entry.presets) == 3 and all(h > 0 for h in entry.presets)
-    assert "2 prompts" in entry.evidence and "R^2" in entry.evidence
+    assert "3 prompts" in entry.evidence and "R^2" in entry.evidence
     data = json.loads(report.read_text())
     assert data["teacache_coefficients_source"] == "fitted: 256x256, 6 steps"
     assert data["teacache_fitted"] == {str(k): list(v) for k, v in entry.coefficients.items()}
@@ -109,7 +111,7 @@ def test_fit_teacache_records_the_fit_and_ddit_run_uses_it_at_that_shape(tiny_en
     said = CliRunner().invoke(
         run_main, [str(engines), *prompt[:4], "-o", str(tmp_path / "d.png"), "--steps", "6", "--schedule", "1"]
     )
-    assert "TeaCache 0.1 with the polynomials fitted for this shape by ddit-bench --fit-teacache" in said.output
+    assert "TeaCache 0.1 with the polynomials fitted for this shape (the profile's or ddit-bench" in said.output
 
     before = (engines / "manifest.json").read_bytes()
     both = CliRunner().invoke(bench_main, [*args, "--fit-teacache", "--teacache-coefficients", "0.5,0"])

@@ -102,6 +102,10 @@ def _train_cmd(out, steps):
         "4",
         "--builtin-prompts",
         "6",
+        "--height",  # the profile's default is 512x512; a quarter of the tokens trains the same code
+        "256",
+        "--width",
+        "256",
         "--quiet",
     ]
 
