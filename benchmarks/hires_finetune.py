@@ -14,11 +14,12 @@ positions of a larger image onto 16 (``rope_reference``), so a fine-tune starts 
 shapes at 512, and one that mixes in 256 sees the same span of positions at both sizes; the runs before that
 (``ft512`` to ``ft512f`` in docs/measurements.md) used absolute positions.
 
-It copies ``--model`` (default: the shipped tiny FLUX, which since 2026-12-07 is this script's own 512 fine-tune;
-start from ``ddit-recipe flux --fast``'s ``OUT/model`` to rebuild it) into ``OUT/model`` and runs ``ddit-recipe``'s stages from
-the latents on, at ``--size``: ``--examples`` scenes of the shapes data set rendered at that size and encoded by the
-model's VAE, ``--steps`` of flow matching from the model's weights (the recipe's fine-tune phase: lr 3e-4, 10% empty
-captions, bfloat16 autocast and torch.compile where the CPU has them), then the DDiT adapters trained at that size.
+It copies ``--model`` (default: the shipped tiny FLUX, which since 2026-12-07 is this script's own 512
+fine-tune; start from ``ddit-recipe flux --fast``'s ``OUT/model`` to rebuild it) into ``OUT/model`` and runs
+``ddit-recipe``'s stages from the latents on, at ``--size``: ``--examples`` scenes of the shapes data set
+rendered at that size and encoded by the model's VAE, ``--steps`` of flow matching from the model's weights (the
+recipe's fine-tune phase: lr 3e-4, 10% empty captions, bfloat16 autocast and torch.compile where the CPU has them),
+then the DDiT adapters trained at that size.
 ``--shifted`` draws the training sigmas around the profile's resolution shift instead of 0.5. Like the recipe, a
 stage whose output exists is skipped, so a second run with the same ``-o`` resumes; continue a fine-tune by pointing
 ``--model`` at an earlier run's ``OUT/model`` with a new ``-o``, and ``--latents-from`` at that run's folder to reuse

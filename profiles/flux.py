@@ -31,8 +31,9 @@ FLUX_TINY = FluxSpec(
     # The recipe's base model is trained at 256x256; the shipped transformer and adapters are that model fine-tuned
     # at 512 with steps at 256 mixed in (recipe.json's "fine_tunes"). At 256 the base scored 0.802 on the 100
     # held-out captions and the fine-tune scores 0.772; at 512 the fine-tune scores 0.802 (docs/embedded-models.md).
-    # Why 512: there a shape spans more tokens, and a 2p step costs little quality (fixed 2p on every step scored
-    # within 0.003 of native on the first 512 fine-tune), where at 256 it cost 0.10.
+    # Why 512: there a shape spans more tokens, and a 2p step costs little quality (fixed 2p on every step: -0.016 on
+    # the shipped model's bench, 64 runs), where at 256 it cost 0.10. fp8 at 512: the fp8_tau below, set at 256 on
+    # the model before, scores 0.796 against fp8 native 0.800 over the three sizes (docs/measurements.md).
     recipe_size=256,
     # Trained first at 256x256 (16 tokens a side at 1p): beyond that, RoPE positions are interpolated onto 16, so a
     # larger image sees the span of positions the model learned first. At 512x512 the base weights score 0.238 on 16

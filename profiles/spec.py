@@ -103,8 +103,9 @@ class CalibratedTau:
 class SchedulerDefaults:
     """DDiT scheduler and sampler defaults (paper: tau = 0.001, rho = 0.4).
 
-    ``calibrated``: taus measured for particular shapes: a profile's own (the tiny FLUX ships one), copied into every
-    manifest, and those ``ddit-bench --save-tau`` adds to an engines folder's manifest. ``tau_for`` picks the one for a generation, else ``tau``.
+    ``calibrated``: taus measured for particular shapes: a profile's own (the tiny FLUX ships one), copied into the
+    manifest of an export of the weights they were measured on, and those ``ddit-bench --save-tau`` adds to an
+    engines folder's manifest. ``tau_for`` picks the one for a generation, else ``tau``.
     """
 
     tau: float = 0.001
