@@ -14,6 +14,7 @@ from torch import nn
 
 from ddit_profiles import DDiTError, FluxSpec, profile_for
 
+from .manifest import without_profile_calibrations
 from .tiny import shipped_adapters
 
 ADAPTERS_FORMAT = "ddit-adapters/1"
@@ -228,6 +229,14 @@ def untrained_adapters(transformer, spec: FluxSpec, factors: list[int], rank: in
     return DDiTAdapters(
         sizes, {k: {} for k in sizes}, rank, float(rank), dict(model_signature(transformer, spec), trained="false")
     )
+
+
+def export_spec(spec, model: str, adapters_file, precision: str):
+    """``spec`` as an export's manifest records it: the profile's own calibrated taus and fitted TeaCache
+    polynomials stay only for a float32 export of the embedded model with its shipped adapters, what they were
+    measured on (``manifest.without_profile_calibrations``)."""
+    shipped = model == "tiny" and adapters_file is not None and adapters_file == shipped_adapters(spec.family)
+    return spec if shipped and precision == "fp32" else without_profile_calibrations(spec)
 
 
 def resolve_adapters(model: str, adapters_path, transformer, spec, factors) -> tuple:

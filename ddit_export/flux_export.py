@@ -14,19 +14,11 @@ from torch.export import Dim
 
 from ddit_profiles import DDiTError, FluxSpec
 
-from .adapters import resolve_adapters
+from .adapters import export_spec, resolve_adapters
 from .flux_model import Float32FluxPosEmbed, FluxEngine, FluxTeaCacheProbe, size_variant
 from .loading import load_flux, with_vae_normalisation
-from .manifest import (
-    check_output_folder,
-    export_graphs,
-    source_block,
-    staging_folder,
-    without_profile_calibrations,
-    write_manifest,
-)
+from .manifest import check_output_folder, export_graphs, source_block, staging_folder, write_manifest
 from .onnx_io import check_parity, export_checked, export_onnx
-from .tiny import shipped_adapters
 
 
 class ClipPooled(nn.Module):
@@ -265,9 +257,7 @@ def export_flux(
     spec = with_vae_normalisation(spec, parts["vae"])  # the manifest records the checkpoint's own
     transformer = parts["transformer"]
     adapters, adapters_file, trained = resolve_adapters(model, adapters_path, transformer, spec, factors)
-    shipped = model == "tiny" and adapters_file is not None and adapters_file == shipped_adapters(spec.family)
-    if not (shipped and precision == "fp32"):  # the profile's calibrations describe only that export
-        spec = without_profile_calibrations(spec)
+    spec = export_spec(spec, model, adapters_file, precision)
     calibration = None
     if precision == "fp8":
         calibration = calibration_inputs(parts, spec, progress)

@@ -15,7 +15,7 @@ from torch.export import Dim
 
 from ddit_profiles import DDiTError, WanSpec
 
-from .adapters import resolve_adapters
+from .adapters import export_spec, resolve_adapters
 from .manifest import check_output_folder, export_graphs, source_block, staging_folder, write_manifest
 from .onnx_io import check_parity, export_checked, export_onnx, ort_session
 from .wan_loading import load_wan
@@ -278,6 +278,7 @@ def export_wan(
     started = time.time()
     parts = load_wan(model, spec)
     adapters, adapters_file, trained = resolve_adapters(model, adapters_path, parts["transformer"], spec, factors)
+    spec = export_spec(spec, model, adapters_file, precision)
     with staging_folder(out_dir, force) as folder:
         components = export_graphs(
             folder,
